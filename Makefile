@@ -1,0 +1,127 @@
+# flower-sidecar: see README.md.  `make` builds, `make test` runs every suite,
+# `make demo` runs the end-to-end demo.  Both first run `deps`.
+
+PREFIX   ?= /usr/local
+CC       ?= cc
+BUILD    := build
+GEN      := $(BUILD)/gen
+PYGEN    := $(BUILD)/py
+
+# Debian packages the build, tests and demo need.
+DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
+            libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
+            libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest \
+            nghttp2-client openssl iproute2 nftables clang libclang-rt-14-dev valgrind
+
+PKGS     := libuv openssl libnghttp2 libprotobuf-c
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS   := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+GRPC_CFLAGS := $(shell pkg-config --cflags grpc 2>/dev/null)
+GRPC_LIBS   := $(shell pkg-config --libs grpc gpr 2>/dev/null)
+
+WARN     := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
+CFLAGS   ?= -O2 -g
+ALL_CFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS)
+SAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
+
+PROTOS      := $(wildcard proto/*.proto)
+PROTO_C     := $(patsubst proto/%.proto,$(GEN)/%.pb-c.c,$(PROTOS))
+PROTO_H     := $(PROTO_C:.c=.h)
+PROTO_PY    := $(patsubst proto/%.proto,$(PYGEN)/%_pb2.py,$(PROTOS))
+
+# The daemon: every proxy/*.c except main.c is a library module that unit
+# tests may link against.
+PROXY_SRC   := $(filter-out proxy/main.c,$(wildcard proxy/*.c))
+PROXY_OBJ   := $(patsubst proxy/%.c,$(BUILD)/obj/%.o,$(PROXY_SRC))
+PROTO_OBJ   := $(patsubst $(GEN)/%.c,$(BUILD)/obj/%.o,$(PROTO_C))
+
+UNIT_SRC    := $(wildcard tests/unit/test_*.c)
+UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
+UNIT_ASAN   := $(patsubst tests/unit/%.c,$(BUILD)/unit-asan/%,$(UNIT_SRC))
+
+.PHONY: all deps test unit unit-asan integration demo install clean bench fuzz proto-py
+all: $(BUILD)/flower-sidecar $(BUILD)/flower-probe proto-py
+
+deps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  echo "deps: installing$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing) >/dev/null || exit 1; \
+	else \
+	  echo "deps: missing Debian packages; run:"; \
+	  echo "  sudo apt-get install -y$$missing"; exit 1; \
+	fi
+
+$(GEN)/%.pb-c.c $(GEN)/%.pb-c.h: proto/%.proto
+	@mkdir -p $(GEN)
+	protoc-c --proto_path=proto --c_out=$(GEN) $<
+
+$(PYGEN)/%_pb2.py: proto/%.proto
+	@mkdir -p $(PYGEN)
+	protoc --proto_path=proto --python_out=$(PYGEN) $<
+
+proto-py: $(PROTO_PY)
+
+$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+
+$(BUILD)/obj/%.pb-c.o: $(GEN)/%.pb-c.c $(PROTO_H)
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -O2 -g -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
+
+$(BUILD)/libsidecar.a: $(PROXY_OBJ) $(PROTO_OBJ)
+	rm -f $@; ar rcs $@ $^
+
+$(BUILD)/flower-sidecar: proxy/main.c $(BUILD)/libsidecar.a
+	$(CC) $(ALL_CFLAGS) -o $@ $< $(BUILD)/libsidecar.a $(PKG_LIBS) -lm
+
+$(BUILD)/flower-probe: $(wildcard health/*.c health/*.h) $(PROTO_C)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -I$(GEN) -Ihealth $(GRPC_CFLAGS) $(PKG_CFLAGS) \
+	  -o $@ $(wildcard health/*.c) $(GEN)/health.pb-c.c $(GRPC_LIBS) $(PKG_LIBS)
+
+# Unit tests #include the module under test (h2o style) when they need its
+# static functions; they link against everything else.
+$(BUILD)/unit/%: tests/unit/%.c $(BUILD)/libsidecar.a
+	@mkdir -p $(dir $@)
+	$(CC) $(ALL_CFLAGS) -Wno-unused-function -o $@ $< $(BUILD)/libsidecar.a $(PKG_LIBS) -lcmocka -lm
+
+$(BUILD)/unit-asan/%: tests/unit/%.c $(PROXY_SRC) $(PROTO_C) $(PROTO_H)
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) -Wno-unused-function $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) \
+	  -o $@ $< $(filter-out $(patsubst tests/unit/test_%.c,proxy/%.c,$<),$(PROXY_SRC)) $(PROTO_C) \
+	  $(PKG_LIBS) -lcmocka -lm
+
+$(BUILD)/flower-sidecar-asan: proxy/main.c $(PROXY_SRC) $(PROTO_C) $(PROTO_H)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) \
+	  -o $@ proxy/main.c $(PROXY_SRC) $(PROTO_C) $(PKG_LIBS) -lm
+
+unit: $(UNIT_BIN)
+	@set -e; for t in $(UNIT_BIN); do echo "== $$t"; $$t; done
+
+unit-asan: $(UNIT_ASAN)
+	@set -e; for t in $(UNIT_ASAN); do echo "== $$t (asan+ubsan)"; \
+	  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t; done
+
+integration: all $(BUILD)/flower-sidecar-asan
+	/usr/bin/python3 -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+
+test: deps
+	$(MAKE) all
+	$(MAKE) unit
+	$(MAKE) unit-asan
+	$(MAKE) integration
+
+demo: deps
+	$(MAKE) all
+	/usr/bin/python3 tests/emulator/demo.py
+
+install: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
+	install -D -m 0755 $(BUILD)/flower-sidecar $(DESTDIR)$(PREFIX)/bin/flower-sidecar
+	install -D -m 0755 $(BUILD)/flower-probe $(DESTDIR)$(PREFIX)/bin/flower-probe
+
+clean:
+	rm -rf $(BUILD)
