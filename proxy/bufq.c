@@ -1,0 +1,104 @@
+/* bufq: see bufq.h. */
+#include "bufq.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+static fs_block *freelist;
+static size_t nfree;
+
+static fs_block *block_get(void) {
+  fs_block *b = freelist;
+  if (b) {
+    freelist = b->next;
+    nfree--;
+  } else if (!(b = malloc(sizeof(*b)))) {
+    return NULL;
+  }
+  b->next = NULL;
+  b->start = b->end = 0;
+  return b;
+}
+
+static void block_put(fs_block *b) {
+  if (nfree >= FS_BLOCK_FREELIST_MAX) {
+    free(b);
+    return;
+  }
+  b->next = freelist;
+  freelist = b;
+  nfree++;
+}
+
+void fs_bufq_init(fs_bufq *q, size_t cap) {
+  q->head = q->tail = NULL;
+  q->len = 0;
+  q->cap = cap;
+}
+
+int fs_bufq_append(fs_bufq *q, const void *data, size_t n) {
+  const uint8_t *p = data;
+  if (q->cap && q->len + n > q->cap) return -1;
+  while (n > 0) {
+    size_t take;
+    if (!q->tail || q->tail->end == FS_BLOCK_SIZE) {
+      fs_block *b = block_get();
+      if (!b) return -1; /* bytes already appended stay: callers treat -1 as fatal */
+      if (q->tail) q->tail->next = b;
+      else q->head = b;
+      q->tail = b;
+    }
+    take = FS_BLOCK_SIZE - q->tail->end;
+    if (take > n) take = n;
+    memcpy(q->tail->data + q->tail->end, p, take);
+    q->tail->end += (uint32_t)take;
+    q->len += take;
+    p += take;
+    n -= take;
+  }
+  return 0;
+}
+
+size_t fs_bufq_copy(const fs_bufq *q, void *out, size_t n) {
+  uint8_t *o = out;
+  size_t done = 0;
+  const fs_block *b;
+  for (b = q->head; b && done < n; b = b->next) {
+    size_t avail = b->end - b->start;
+    if (avail > n - done) avail = n - done;
+    memcpy(o + done, b->data + b->start, avail);
+    done += avail;
+  }
+  return done;
+}
+
+void fs_bufq_drop(fs_bufq *q, size_t n) {
+  if (n > q->len) n = q->len;
+  q->len -= n;
+  while (n > 0 && q->head) {
+    fs_block *b = q->head;
+    size_t avail = b->end - b->start;
+    if (n < avail) {
+      b->start += (uint32_t)n;
+      return;
+    }
+    n -= avail;
+    q->head = b->next;
+    if (!q->head) q->tail = NULL;
+    block_put(b);
+  }
+  if (q->len == 0 && q->head) { /* an emptied tail block: give it back */
+    fs_bufq_reset(q);
+  }
+}
+
+void fs_bufq_reset(fs_bufq *q) {
+  fs_block *b = q->head;
+  while (b) {
+    fs_block *next = b->next;
+    block_put(b);
+    b = next;
+  }
+  q->head = q->tail = NULL;
+  q->len = 0;
+}

@@ -1,0 +1,417 @@
+/* h2conn: see h2conn.h. */
+#include "h2conn.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/x509v3.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "tls.h"
+
+static uv_loop_t *g_loop;
+static uv_prepare_t g_flush;
+static fs_h2conn *g_dirty;
+/* Reads are processed synchronously, so one buffer serves every socket. */
+static uint8_t g_rbuf[64 * 1024];
+/* TLS plaintext staging: only the connection being flushed writes to it, and
+ * it is empty again when that flush ends, so one buffer serves all. */
+static uint8_t g_stage[FS_TLS_RECORD];
+static size_t g_stage_len;
+static fs_h2conn *g_stage_owner;
+static BIO_METHOD *g_bio_method;
+
+uint64_t fs_now_ms(void) { return g_loop ? uv_now(g_loop) : 0; }
+
+/* --- the memory BIO: ciphertext in from rx, out to outq ----------------- */
+
+static int bio_write(BIO *b, const char *data, int len) {
+  fs_h2conn *c = BIO_get_data(b);
+  BIO_clear_retry_flags(b);
+  if (fs_bufq_append(&c->outq, data, (size_t)len) < 0) return -1;
+  return len;
+}
+
+static int bio_read(BIO *b, char *out, int len) {
+  fs_h2conn *c = BIO_get_data(b);
+  size_t n = c->rx_len < (size_t)len ? c->rx_len : (size_t)len;
+  BIO_clear_retry_flags(b);
+  if (n == 0) {
+    BIO_set_retry_read(b);
+    return -1;
+  }
+  memcpy(out, c->rx, n);
+  c->rx += n;
+  c->rx_len -= n;
+  return (int)n;
+}
+
+static long bio_ctrl(BIO *b, int cmd, long num, void *ptr) {
+  (void)b, (void)num, (void)ptr;
+  return cmd == BIO_CTRL_FLUSH ? 1 : 0;
+}
+
+static int bio_create(BIO *b) {
+  BIO_set_init(b, 1);
+  return 1;
+}
+
+/* --- flushing ------------------------------------------------------------ */
+
+static void dirty_remove(fs_h2conn *c) {
+  if (!c->dirty) return;
+  if (c->dprev) c->dprev->dnext = c->dnext;
+  else g_dirty = c->dnext;
+  if (c->dnext) c->dnext->dprev = c->dprev;
+  c->dprev = c->dnext = NULL;
+  c->dirty = 0;
+}
+
+void fs_h2conn_mark(fs_h2conn *c) {
+  if (c->dirty || c->closing) return;
+  c->dirty = 1;
+  c->dprev = NULL;
+  c->dnext = g_dirty;
+  if (g_dirty) g_dirty->dprev = c;
+  g_dirty = c;
+}
+
+static void stage_flush(fs_h2conn *c) {
+  if (g_stage_owner != c || g_stage_len == 0) return;
+  if (SSL_write(c->ssl, g_stage, (int)g_stage_len) <= 0) {
+    /* Only a broken TLS state gets here: the BIO takes everything. */
+    g_stage_len = 0;
+    g_stage_owner = NULL;
+    fs_h2conn_close(c, "TLS write failed");
+    return;
+  }
+  g_stage_len = 0;
+  g_stage_owner = NULL;
+}
+
+void fs_h2conn_write(fs_h2conn *c, const void *data, size_t len) {
+  const uint8_t *p = data;
+  if (!c->ssl) {
+    if (fs_bufq_append(&c->outq, p, len) < 0) fs_h2conn_close(c, "out of memory");
+    return;
+  }
+  if (g_stage_owner && g_stage_owner != c) stage_flush(g_stage_owner);
+  g_stage_owner = c;
+  while (len > 0) {
+    size_t take = sizeof(g_stage) - g_stage_len;
+    if (take > len) take = len;
+    memcpy(g_stage + g_stage_len, p, take);
+    g_stage_len += take;
+    p += take;
+    len -= take;
+    if (g_stage_len == sizeof(g_stage)) {
+      stage_flush(c);
+      if (c->closing) return;
+      g_stage_owner = c;
+    }
+  }
+}
+
+int fs_h2conn_writable(const fs_h2conn *c) {
+  return !c->closing && c->outq.len + (g_stage_owner == c ? g_stage_len : 0) < FS_OUTQ_HIGH;
+}
+
+static ssize_t send_cb(nghttp2_session *s, const uint8_t *data, size_t len, int flags, void *ud) {
+  fs_h2conn *c = ud;
+  (void)s, (void)flags;
+  if (!fs_h2conn_writable(c)) return NGHTTP2_ERR_WOULDBLOCK;
+  fs_h2conn_write(c, data, len);
+  return (ssize_t)len;
+}
+
+void fs_h2conn_set_callbacks(nghttp2_session_callbacks *cbs) { nghttp2_session_callbacks_set_send_callback(cbs, send_cb); }
+
+static size_t outq_bufs(fs_h2conn *c, uv_buf_t *bufs, size_t max, size_t *total) {
+  size_t n = 0;
+  fs_block *b;
+  *total = 0;
+  for (b = c->outq.head; b && n < max; b = b->next) {
+    bufs[n] = uv_buf_init((char *)b->data + b->start, b->end - b->start);
+    *total += bufs[n].len;
+    n++;
+  }
+  return n;
+}
+
+static void on_write(uv_write_t *req, int status) {
+  fs_h2conn *c = req->data;
+  fs_bufq_drop(&c->outq, c->inflight);
+  c->bytes_out += c->inflight;
+  c->inflight = 0;
+  if (status < 0) {
+    if (status != UV_ECANCELED) fs_h2conn_close(c, uv_strerror(status));
+    return;
+  }
+  fs_h2conn_mark(c);
+}
+
+static void start_write(fs_h2conn *c) {
+  uv_buf_t bufs[32];
+  size_t n, total;
+  int w;
+  if (c->inflight || c->outq.len == 0 || c->closing) return;
+  n = outq_bufs(c, bufs, 32, &total);
+  w = uv_try_write((uv_stream_t *)&c->tcp, bufs, (unsigned)n);
+  if (w == UV_EAGAIN || w == UV_ENOSYS) w = 0;
+  if (w < 0) {
+    fs_h2conn_close(c, uv_strerror(w));
+    return;
+  }
+  fs_bufq_drop(&c->outq, (size_t)w);
+  c->bytes_out += (uint64_t)w;
+  if (c->outq.len == 0) return;
+  n = outq_bufs(c, bufs, 32, &total);
+  c->wreq.data = c;
+  if ((w = uv_write(&c->wreq, (uv_stream_t *)&c->tcp, bufs, (unsigned)n, on_write)) < 0) {
+    fs_h2conn_close(c, uv_strerror(w));
+    return;
+  }
+  c->inflight = total;
+}
+
+static void flush(fs_h2conn *c) {
+  if (c->session && c->tls_ready) {
+    int rv = nghttp2_session_send(c->session);
+    if (rv != 0) {
+      fs_h2conn_close(c, nghttp2_strerror(rv));
+      return;
+    }
+  }
+  if (c->ssl) stage_flush(c);
+  if (c->closing) return;
+  start_write(c);
+  if (c->closing) return;
+  /* Both sides are done (GOAWAY exchanged, streams finished): close once
+   * every byte has left. */
+  if (c->session && c->tls_ready && !nghttp2_session_want_read(c->session) &&
+      !nghttp2_session_want_write(c->session) && c->outq.len == 0)
+    fs_h2conn_close(c, c->close_reason[0] ? c->close_reason : "session finished");
+}
+
+static void on_prepare(uv_prepare_t *h) {
+  fs_h2conn *c;
+  (void)h;
+  while ((c = g_dirty) != NULL) {
+    dirty_remove(c);
+    flush(c);
+  }
+}
+
+int fs_h2conn_global_init(uv_loop_t *loop) {
+  int rv;
+  g_loop = loop;
+  if (!g_bio_method) {
+    g_bio_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "fs_h2conn");
+    BIO_meth_set_write(g_bio_method, bio_write);
+    BIO_meth_set_read(g_bio_method, bio_read);
+    BIO_meth_set_ctrl(g_bio_method, bio_ctrl);
+    BIO_meth_set_create(g_bio_method, bio_create);
+  }
+  if ((rv = uv_prepare_init(loop, &g_flush)) < 0) return rv;
+  return uv_prepare_start(&g_flush, on_prepare);
+}
+
+void fs_h2conn_global_close(void) {
+  uv_prepare_stop(&g_flush);
+  uv_close((uv_handle_t *)&g_flush, NULL);
+  BIO_meth_free(g_bio_method);
+  g_bio_method = NULL;
+}
+
+/* --- reading --------------------------------------------------------------- */
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
+  (void)h, (void)hint;
+  *buf = uv_buf_init((char *)g_rbuf, sizeof(g_rbuf));
+}
+
+static void feed_h2(fs_h2conn *c, const uint8_t *p, size_t n) {
+  ssize_t rv = nghttp2_session_mem_recv(c->session, p, n);
+  if (rv < 0) {
+    char why[160];
+    snprintf(why, sizeof(why), "%s",
+             rv == NGHTTP2_ERR_BAD_CLIENT_MAGIC ? "not HTTP/2: bad connection preface" : nghttp2_strerror((int)rv));
+    fs_h2conn_close(c, why);
+  }
+}
+
+static int become_ready(fs_h2conn *c) {
+  c->tls_ready = 1;
+  if (c->ops->on_ready(c) < 0) {
+    fs_h2conn_close(c, c->close_reason[0] ? c->close_reason : "setup failed");
+    return -1;
+  }
+  return 0;
+}
+
+/* Advances the handshake and decrypts whatever arrived. */
+static void tls_input(fs_h2conn *c) {
+  uint8_t plain[FS_TLS_RECORD];
+  if (!c->tls_ready) {
+    int r = SSL_do_handshake(c->ssl), e;
+    if (r != 1) {
+      e = SSL_get_error(c->ssl, r);
+      if (e == SSL_ERROR_WANT_READ || e == SSL_ERROR_WANT_WRITE) {
+        fs_h2conn_mark(c);
+        return;
+      }
+      {
+        char why[200];
+        long vr = SSL_get_verify_result(c->ssl);
+        if (fs_tls_alpn_refused(c->ssl)) snprintf(why, sizeof(why), "client did not offer ALPN h2");
+        else if (vr != X509_V_OK) snprintf(why, sizeof(why), "certificate verify failed: %s", X509_verify_cert_error_string(vr));
+        else if (e == SSL_ERROR_SYSCALL || (e == SSL_ERROR_SSL && ERR_peek_last_error() == 0)) snprintf(why, sizeof(why), "peer closed during the TLS handshake");
+        else snprintf(why, sizeof(why), "%s", fs_tls_error_string("TLS error"));
+        ERR_clear_error();
+        if (c->ops->on_tls_fail) c->ops->on_tls_fail(c, why);
+        fs_h2conn_close(c, why);
+        return;
+      }
+    }
+    if (become_ready(c) < 0) return;
+  }
+  for (;;) {
+    int n = SSL_read(c->ssl, plain, sizeof(plain)), e;
+    if (n > 0) {
+      feed_h2(c, plain, (size_t)n);
+      if (c->closing) return;
+      continue;
+    }
+    e = SSL_get_error(c->ssl, n);
+    if (e == SSL_ERROR_WANT_READ) break;
+    ERR_clear_error();
+    fs_h2conn_close(c, e == SSL_ERROR_ZERO_RETURN ? "peer closed" : "TLS error while reading");
+    return;
+  }
+}
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
+  fs_h2conn *c = s->data;
+  if (nread == 0 || c->closing) return;
+  if (nread < 0) {
+    fs_h2conn_close(c, nread == UV_EOF ? "peer closed" : uv_strerror((int)nread));
+    return;
+  }
+  c->bytes_in += (uint64_t)nread;
+  if (c->ssl) {
+    c->rx = (const uint8_t *)buf->base;
+    c->rx_len = (size_t)nread;
+    tls_input(c);
+    c->rx_len = 0;
+  } else {
+    feed_h2(c, (const uint8_t *)buf->base, (size_t)nread);
+  }
+  if (!c->closing) fs_h2conn_mark(c);
+}
+
+/* --- lifecycle ---------------------------------------------------------- */
+
+static void on_handle_closed(uv_handle_t *h);
+
+static void on_timer(uv_timer_t *t) {
+  fs_h2conn *c = t->data;
+  if (!c->closing && c->ops->on_timer) c->ops->on_timer(c);
+}
+
+void fs_h2conn_set_timer(fs_h2conn *c, uint64_t ms) {
+  if (c->closing) return;
+  if (ms == 0) uv_timer_stop(&c->timer);
+  else uv_timer_start(&c->timer, on_timer, ms, 0);
+}
+
+int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops) {
+  int rv;
+  memset(c, 0, sizeof(*c));
+  c->ops = ops;
+  fs_bufq_init(&c->outq, 0);
+  if ((rv = uv_tcp_init(loop, &c->tcp)) < 0) return rv;
+  c->open_handles = 1;
+  c->tcp.data = c;
+  if ((rv = uv_timer_init(loop, &c->timer)) < 0) {
+    /* |c| is freed through ops->on_freed once the TCP handle is closed. */
+    c->closing = 1;
+    uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+    return rv;
+  }
+  c->open_handles = 2;
+  c->tcp.data = c;
+  c->timer.data = c;
+  c->opened_ms = uv_now(loop);
+  return 0;
+}
+
+int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, const char *verify_name) {
+  int rv;
+  c->connected = 1;
+  uv_tcp_nodelay(&c->tcp, 1);
+  if (ctx) {
+    BIO *bio;
+    if (!(c->ssl = SSL_new(ctx)) || !(bio = BIO_new(g_bio_method))) {
+      fs_h2conn_close(c, "out of memory");
+      return -1;
+    }
+    BIO_set_data(bio, c);
+    SSL_set_bio(c->ssl, bio, bio);
+    if (server) {
+      SSL_set_accept_state(c->ssl);
+    } else {
+      SSL_set_connect_state(c->ssl);
+      unsigned char ipbuf[16];
+      /* SNI carries host names only (RFC 6066 3). */
+      if (sni && inet_pton(AF_INET, sni, ipbuf) != 1 && inet_pton(AF_INET6, sni, ipbuf) != 1)
+        SSL_set_tlsext_host_name(c->ssl, sni);
+      if (verify_name) {
+        X509_VERIFY_PARAM *vp = SSL_get0_param(c->ssl);
+        if (inet_pton(AF_INET, verify_name, ipbuf) == 1 || inet_pton(AF_INET6, verify_name, ipbuf) == 1)
+          X509_VERIFY_PARAM_set1_ip_asc(vp, verify_name);
+        else
+          X509_VERIFY_PARAM_set1_host(vp, verify_name, 0);
+      }
+    }
+  }
+  if ((rv = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read)) < 0) {
+    fs_h2conn_close(c, uv_strerror(rv));
+    return -1;
+  }
+  if (!ctx) return become_ready(c);
+  if (!server) tls_input(c); /* sends the ClientHello */
+  return c->closing ? -1 : 0;
+}
+
+static void on_handle_closed(uv_handle_t *h) {
+  fs_h2conn *c = h->data;
+  if (--c->open_handles > 0) return;
+  nghttp2_session_del(c->session);
+  c->session = NULL;
+  SSL_free(c->ssl);
+  c->ssl = NULL;
+  fs_bufq_reset(&c->outq);
+  c->ops->on_freed(c);
+}
+
+void fs_h2conn_close(fs_h2conn *c, const char *reason) {
+  if (c->closing) return;
+  if (!c->close_reason[0] || reason != c->close_reason) snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+  /* Best effort: a TLS alert or GOAWAY already queued still goes out. */
+  if (c->ssl && g_stage_owner == c) stage_flush(c);
+  c->closing = 1;
+  dirty_remove(c);
+  if (c->connected && !c->inflight && c->outq.len) {
+    uv_buf_t bufs[8];
+    size_t total;
+    (void)uv_try_write((uv_stream_t *)&c->tcp, bufs, (unsigned)outq_bufs(c, bufs, 8, &total));
+  }
+  if (g_stage_owner == c) g_stage_owner = NULL, g_stage_len = 0;
+  c->ops->on_closing(c, c->close_reason);
+  uv_timer_stop(&c->timer);
+  if (c->connected) uv_read_stop((uv_stream_t *)&c->tcp);
+  uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
+  uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+}

@@ -1,0 +1,107 @@
+/*
+ * h2conn: one HTTP/2 connection's transport: a libuv TCP handle, optional
+ * TLS through OpenSSL with an in-memory BIO, the nghttp2 session, and the
+ * bounded queue of bytes waiting for the socket.
+ *
+ * Output is never written from inside nghttp2 callbacks.  A connection
+ * with something to send is marked dirty (fs_h2conn_mark); once per loop
+ * iteration, just before libuv polls, every dirty connection runs
+ * nghttp2_session_send() and writes what it produced with one try-write.
+ * This coalesces all frames of an iteration into full TLS records and few
+ * syscalls, and lets one connection's callbacks make others dirty without
+ * recursion.
+ *
+ * Ownership: the embedding object (proxy) allocates the fs_h2conn, calls
+ * fs_h2conn_init(), and frees it in ops->on_freed, which runs after both
+ * libuv handles are closed (close -> close_cb -> free).
+ */
+#ifndef FS_H2CONN_H
+#define FS_H2CONN_H
+
+#include <nghttp2/nghttp2.h>
+#include <openssl/ssl.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "bufq.h"
+
+/* Bytes queued for the socket above which nghttp2 is told to wait. */
+#define FS_OUTQ_HIGH (256 * 1024)
+/* TLS plaintext is gathered into records of this size. */
+#define FS_TLS_RECORD 16384
+
+typedef struct fs_h2conn fs_h2conn;
+
+typedef struct fs_h2conn_ops {
+  /* The transport is ready for HTTP/2 (TLS handshake done, or cleartext):
+   * create c->session.  Return 0, or -1 to close with |c->close_reason|. */
+  int (*on_ready)(fs_h2conn *c);
+  /* The TLS handshake failed: |reason| is one line. Called before closing. */
+  void (*on_tls_fail)(fs_h2conn *c, const char *reason);
+  /* The connection is closing: detach everything that refers to it. Called
+   * exactly once; the session must not be used afterwards. */
+  void (*on_closing)(fs_h2conn *c, const char *reason);
+  /* Both handles are closed: free the memory. */
+  void (*on_freed)(fs_h2conn *c);
+  /* c->timer fired. */
+  void (*on_timer)(fs_h2conn *c);
+} fs_h2conn_ops;
+
+struct fs_h2conn {
+  uv_tcp_t tcp;
+  uv_timer_t timer;             /* the owner's: handshake, idle, connect, keepalive */
+  nghttp2_session *session;     /* created by ops->on_ready */
+  SSL *ssl;                     /* NULL for h2c */
+  const fs_h2conn_ops *ops;
+  fs_bufq outq;                 /* bytes (ciphertext with TLS) for the socket */
+  size_t inflight;              /* bytes of outq handed to uv_write */
+  uv_write_t wreq;
+  const uint8_t *rx;            /* ciphertext the BIO hands to OpenSSL */
+  size_t rx_len;
+  fs_h2conn *dprev, *dnext;     /* dirty list */
+  uint64_t bytes_in, bytes_out; /* socket bytes */
+  uint64_t opened_ms;
+  uint8_t dirty, closing, tls_ready, open_handles, connected;
+  char peer[280];
+  char close_reason[160];
+};
+
+/* Prepares the loop-wide flush handle.  Call once before any connection. */
+int fs_h2conn_global_init(uv_loop_t *loop);
+/* Stops the flush handle so the loop can end. */
+void fs_h2conn_global_close(void);
+
+/* Initialises |c|'s handles on |loop|.  Returns 0 or a libuv error. */
+int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops);
+
+/* Starts the transport on a connected socket.  With |ctx| non-NULL, runs a
+ * TLS handshake (server when |server|, else client sending SNI |sni| and
+ * verifying the peer against |verify_name| when non-NULL) before
+ * ops->on_ready; without it calls ops->on_ready at once.  Returns 0, or -1
+ * after closing |c|. */
+int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, const char *verify_name);
+
+/* Fills the nghttp2 callbacks the transport owns (send_callback). */
+void fs_h2conn_set_callbacks(nghttp2_session_callbacks *cbs);
+
+/* Queues plaintext for the peer.  Only valid from this connection's own
+ * nghttp2 send callbacks (during its flush). */
+void fs_h2conn_write(fs_h2conn *c, const void *data, size_t len);
+
+/* Nonzero when more output may be queued now. */
+int fs_h2conn_writable(const fs_h2conn *c);
+
+/* (Re)arms c->timer to fire ops->on_timer after |ms|; 0 stops it. */
+void fs_h2conn_set_timer(fs_h2conn *c, uint64_t ms);
+
+/* Schedules a flush of |c| before the loop next polls. */
+void fs_h2conn_mark(fs_h2conn *c);
+
+/* Closes |c| with |reason|: ops->on_closing now, ops->on_freed later.
+ * Idempotent. */
+void fs_h2conn_close(fs_h2conn *c, const char *reason);
+
+/* Milliseconds on the loop clock. */
+uint64_t fs_now_ms(void);
+
+#endif

@@ -1,0 +1,98 @@
+/*
+ * flower-sidecar: entry point.  Parses the configuration (exit 2 on a bad
+ * value), sets up logging and TLS for the role, runs the proxy on one libuv
+ * loop, and drains on SIGTERM/SIGINT (exit 0).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <uv.h>
+
+#include "config.h"
+#include "log.h"
+#include "proxy.h"
+#include "tls.h"
+
+static fs_config cfg;
+static uv_signal_t sig_term, sig_int;
+
+static void on_stopped(void) {
+  uv_close((uv_handle_t *)&sig_term, NULL);
+  uv_close((uv_handle_t *)&sig_int, NULL);
+}
+
+static void on_signal(uv_signal_t *h, int signum) {
+  fs_event ev;
+  (void)h;
+  if (fs_proxy_draining()) return;
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.drain")) {
+    fs_ev_str(&ev, "signal", signum == SIGTERM ? "SIGTERM" : "SIGINT");
+    fs_ev_num(&ev, "drain_timeout_s", cfg.drain_timeout_s, 1);
+    fs_ev_end(&ev);
+  }
+  fs_proxy_drain();
+}
+
+static int fatal(const char *what) {
+  fs_event ev;
+  if (fs_ev_begin(&ev, FS_LOG_ERROR, "sidecar.fail")) {
+    fs_ev_str(&ev, "reason", what);
+    fs_ev_end(&ev);
+  }
+  fprintf(stderr, "flower-sidecar: %s\n", what);
+  return 1;
+}
+
+int main(int argc, char **argv) {
+  char err[512] = "";
+  int rc, log_fd = 1;
+  SSL_CTX *down_ctx = NULL, *up_ctx = NULL;
+  uv_loop_t *loop = uv_default_loop();
+  fs_event ev;
+
+  rc = fs_config_parse(&cfg, argc, argv, err, sizeof(err));
+  if (rc > 0) return 0;
+  if (rc < 0) {
+    fprintf(stderr, "flower-sidecar: %s\n", err);
+    return 2;
+  }
+  if (cfg.log_file && (log_fd = open(cfg.log_file, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644)) < 0) {
+    fprintf(stderr, "flower-sidecar: invalid --log-file: '%s' (%s)\n", cfg.log_file, strerror(errno));
+    return 2;
+  }
+  fs_log_init(cfg.log_format, cfg.log_level, cfg.role_name, log_fd);
+  signal(SIGPIPE, SIG_IGN);
+
+  if (cfg.role == FS_ROLE_LINK && cfg.tls) down_ctx = fs_tls_server_ctx(&cfg, err, sizeof(err));
+  if (cfg.role == FS_ROLE_NODE && cfg.tls) up_ctx = fs_tls_client_ctx(&cfg, err, sizeof(err));
+  if (cfg.tls && !down_ctx && !up_ctx) {
+    /* Bad certificate settings are configuration errors. */
+    fprintf(stderr, "flower-sidecar: %s\n", err);
+    fatal(err);
+    return 2;
+  }
+
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.start")) {
+    fs_ev_str(&ev, "listen", cfg.listen);
+    fs_ev_str(&ev, "upstream", cfg.upstream);
+    fs_ev_str(&ev, "tls", cfg.tls ? (cfg.role == FS_ROLE_LINK ? "listener" : "upstream") : "off");
+    fs_ev_u64(&ev, "pid", (uint64_t)getpid());
+    fs_ev_end(&ev);
+  }
+  uv_signal_init(loop, &sig_term);
+  uv_signal_init(loop, &sig_int);
+  uv_signal_start(&sig_term, on_signal, SIGTERM);
+  uv_signal_start(&sig_int, on_signal, SIGINT);
+
+  if (fs_proxy_start(loop, &cfg, down_ctx, up_ctx, on_stopped, err, sizeof(err)) < 0) return fatal(err);
+  uv_run(loop, UV_RUN_DEFAULT);
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.stop")) {
+    fs_ev_u64(&ev, "dropped_lines", fs_log_dropped());
+    fs_ev_end(&ev);
+  }
+  uv_loop_close(loop);
+  return 0;
+}

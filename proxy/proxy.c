@@ -1,0 +1,1223 @@
+/*
+ * proxy: see proxy.h.
+ *
+ * A call joins two legs: leg[DOWN] is the client's stream on a downstream
+ * connection, leg[UP] the stream opened for it on an upstream connection.
+ * Bytes received on leg L are kept in fl[L] until they are sent on leg !L;
+ * only then are they consumed on leg L (WINDOW_UPDATE to the sender).
+ * The call is freed when both legs are detached.
+ */
+#include "proxy.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netdb.h>
+#include <nghttp2/nghttp2.h>
+#include <openssl/x509.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "backoff.h"
+#include "bufq.h"
+#include "grpcmsg.h"
+#include "h2conn.h"
+#include "log.h"
+
+enum { DOWN = 0, UP = 1 };
+
+enum {
+  GRPC_CANCELLED = 1, GRPC_INTERNAL = 13, GRPC_RESOURCE_EXHAUSTED = 8, GRPC_UNAVAILABLE = 14
+};
+
+/* Fields per header block, at most: bounds the nghttp2_nv arrays on the stack. */
+#define FS_MAX_FIELDS 256
+
+/* Header fields of one block, kept as nghttp2's refcounted buffers: no copy. */
+typedef struct hdrs {
+  nghttp2_rcbuf **v; /* name, value, name, value, ... */
+  uint32_t n, cap;   /* entries in v */
+  uint32_t bytes;    /* RFC 7541 size: name + value + 32 per field */
+} hdrs;
+
+typedef struct flow {
+  fs_bufq data;     /* received on this leg, not yet sent on the other */
+  fs_grpcmsg msgs;  /* message boundaries, for the size limit */
+  hdrs trailers;    /* to send once data is drained */
+  uint8_t eof;      /* END_STREAM received */
+  uint8_t deferred; /* the sink's data provider waits for data */
+  uint8_t discard;  /* the sink is gone: consume and drop */
+} flow;
+
+typedef struct pconn pconn;
+typedef struct call call;
+
+struct leg {
+  pconn *conn;
+  int32_t sid;
+  call *prev, *next; /* the connection's calls */
+};
+
+struct call {
+  struct leg leg[2];
+  flow fl[2];
+  hdrs head[2];        /* request headers until sent upstream; response headers */
+  nghttp2_rcbuf *path; /* kept for events */
+  uint64_t t_start;
+  call *qprev, *qnext; /* waiting for an upstream connection */
+  uint8_t queued, resp_started, overflow, finished, synth;
+  int synth_status;
+  char synth_msg[240];
+};
+
+struct pconn {
+  fs_h2conn h2; /* first: a pconn* is an fs_h2conn* */
+  uint8_t upstream, ready, goaway, opened;
+  uint32_t nstreams;
+  uint64_t rpcs;
+  call *calls;
+  pconn *prev, *next;
+  uv_connect_t creq;
+};
+
+static struct {
+  uv_loop_t *loop;
+  const fs_config *cfg;
+  SSL_CTX *down_ctx, *up_ctx;
+  uv_tcp_t listener;
+  uint8_t listening, draining, stopped, upstream_up, resolving;
+  pconn *downs, *ups;
+  uint32_t ndowns, nups, nups_connecting;
+  call *qhead, *qtail;
+  char up_host[256];
+  int up_port;
+  struct sockaddr_storage up_addr;
+  int up_addr_ok;
+  uv_getaddrinfo_t gai;
+  fs_backoff backoff;
+  uv_timer_t reconnect_timer, drain_timer;
+  char up_error[400];
+  nghttp2_session_callbacks *cbs;
+  nghttp2_option *down_opt, *up_opt;
+  fs_proxy_stats stats;
+  void (*on_stopped)(void);
+} P;
+
+static void up_connect(void);
+static void schedule_reconnect(void);
+static void maybe_stopped(void);
+
+const fs_proxy_stats *fs_proxy_get_stats(void) { return &P.stats; }
+int fs_proxy_upstream_up(void) { return P.upstream_up; }
+int fs_proxy_draining(void) { return P.draining; }
+
+/* --- small helpers --------------------------------------------------------- */
+
+size_t fs_grpc_message_encode(char *out, size_t cap, const char *msg) {
+  static const char hex[] = "0123456789ABCDEF";
+  size_t o = 0;
+  for (; *msg && o + 4 < cap; msg++) {
+    unsigned char c = (unsigned char)*msg;
+    if (c < 0x20 || c > 0x7e || c == '%') {
+      out[o++] = '%';
+      out[o++] = hex[c >> 4];
+      out[o++] = hex[c & 15];
+    } else {
+      out[o++] = (char)c;
+    }
+  }
+  if (cap) out[o] = '\0';
+  return o;
+}
+
+static void hdrs_clear(hdrs *h) {
+  uint32_t i;
+  for (i = 0; i < h->n; i++) nghttp2_rcbuf_decref(h->v[i]);
+  free(h->v);
+  memset(h, 0, sizeof(*h));
+}
+
+/* Returns 0, or -1 when the block would exceed the header list limit. */
+static int hdrs_push(hdrs *h, nghttp2_rcbuf *name, nghttp2_rcbuf *value) {
+  size_t add = nghttp2_rcbuf_get_buf(name).len + nghttp2_rcbuf_get_buf(value).len + 32;
+  if (h->bytes + add > P.cfg->max_header_list_size || h->n >= 2 * FS_MAX_FIELDS) return -1;
+  if (h->n + 2 > h->cap) {
+    uint32_t cap = h->cap ? h->cap * 2 : 16;
+    nghttp2_rcbuf **v = realloc(h->v, cap * sizeof(*v));
+    if (!v) return -1;
+    h->v = v;
+    h->cap = cap;
+  }
+  nghttp2_rcbuf_incref(name);
+  nghttp2_rcbuf_incref(value);
+  h->v[h->n++] = name;
+  h->v[h->n++] = value;
+  h->bytes += (uint32_t)add;
+  return 0;
+}
+
+/* Builds nghttp2_nv entries pointing into |h| (valid while |h| lives). When
+ * |scheme| is set, :scheme is rewritten for the upstream hop. */
+static size_t hdrs_nv(const hdrs *h, nghttp2_nv *nv, const char *scheme) {
+  uint32_t i;
+  size_t n = 0;
+  for (i = 0; i < h->n; i += 2) {
+    nghttp2_vec name = nghttp2_rcbuf_get_buf(h->v[i]), value = nghttp2_rcbuf_get_buf(h->v[i + 1]);
+    nv[n].name = name.base;
+    nv[n].namelen = name.len;
+    nv[n].value = value.base;
+    nv[n].valuelen = value.len;
+    if (scheme && name.len == 7 && !memcmp(name.base, ":scheme", 7)) {
+      nv[n].value = (uint8_t *)scheme;
+      nv[n].valuelen = strlen(scheme);
+    }
+    /* nghttp2 copies: the rcbufs are released right after submitting. */
+    nv[n].flags = NGHTTP2_NV_FLAG_NONE;
+    n++;
+  }
+  return n;
+}
+
+/* Finds |name| in |h|; returns its value or a zero-length vector. */
+static nghttp2_vec hdrs_get(const hdrs *h, const char *name) {
+  uint32_t i;
+  size_t nl = strlen(name);
+  nghttp2_vec none = {NULL, 0};
+  for (i = 0; i < h->n; i += 2) {
+    nghttp2_vec k = nghttp2_rcbuf_get_buf(h->v[i]);
+    if (k.len == nl && !memcmp(k.base, name, nl)) return nghttp2_rcbuf_get_buf(h->v[i + 1]);
+  }
+  return none;
+}
+
+static pconn *conn_of(fs_h2conn *c) { return (pconn *)c; }
+
+static void peer_name(uv_tcp_t *t, char *out, size_t len) {
+  struct sockaddr_storage ss;
+  int sl = sizeof(ss);
+  char host[INET6_ADDRSTRLEN] = "?";
+  int port = 0;
+  out[0] = '\0';
+  if (uv_tcp_getpeername(t, (struct sockaddr *)&ss, &sl) < 0) return;
+  if (ss.ss_family == AF_INET6) {
+    uv_ip6_name((struct sockaddr_in6 *)&ss, host, sizeof(host));
+    port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    snprintf(out, len, "[%s]:%d", host, port);
+  } else {
+    uv_ip4_name((struct sockaddr_in *)&ss, host, sizeof(host));
+    port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    snprintf(out, len, "%s:%d", host, port);
+  }
+}
+
+/* --- call lifecycle --------------------------------------------------------- */
+
+static void list_add(call **head, call *c, int side) {
+  c->leg[side].prev = NULL;
+  c->leg[side].next = *head;
+  if (*head) (*head)->leg[side].prev = c;
+  *head = c;
+}
+
+static void list_del(call **head, call *c, int side) {
+  if (c->leg[side].prev) c->leg[side].prev->leg[side].next = c->leg[side].next;
+  else *head = c->leg[side].next;
+  if (c->leg[side].next) c->leg[side].next->leg[side].prev = c->leg[side].prev;
+  c->leg[side].prev = c->leg[side].next = NULL;
+}
+
+static void queue_del(call *c) {
+  if (!c->queued) return;
+  if (c->qprev) c->qprev->qnext = c->qnext;
+  else P.qhead = c->qnext;
+  if (c->qnext) c->qnext->qprev = c->qprev;
+  else P.qtail = c->qprev;
+  c->qprev = c->qnext = NULL;
+  c->queued = 0;
+}
+
+static void queue_add(call *c) {
+  c->queued = 1;
+  c->qnext = NULL;
+  c->qprev = P.qtail;
+  if (P.qtail) P.qtail->qnext = c;
+  else P.qhead = c;
+  P.qtail = c;
+}
+
+static call *call_new(void) {
+  call *c = calloc(1, sizeof(*c));
+  int i;
+  if (!c) return NULL;
+  for (i = 0; i < 2; i++) {
+    /* One stream window plus a frame: the peer cannot legally send more. */
+    fs_bufq_init(&c->fl[i].data, (size_t)P.cfg->stream_window + 16384);
+    fs_grpcmsg_init(&c->fl[i].msgs, P.cfg->max_message_size);
+  }
+  c->t_start = fs_now_ms();
+  P.stats.calls_total++;
+  return c;
+}
+
+static void call_free(call *c) {
+  int i;
+  queue_del(c);
+  for (i = 0; i < 2; i++) {
+    fs_bufq_reset(&c->fl[i].data);
+    hdrs_clear(&c->fl[i].trailers);
+    hdrs_clear(&c->head[i]);
+  }
+  if (c->path) nghttp2_rcbuf_decref(c->path);
+  free(c);
+}
+
+static void maybe_free(call *c) {
+  if (!c->leg[DOWN].conn && !c->leg[UP].conn && !c->queued) call_free(c);
+}
+
+static void idle_timer_update(pconn *d);
+
+/* Consumes |n| bytes received on leg |side| so its sender may send more. */
+static void consume(call *c, int side, size_t n) {
+  pconn *pc = c->leg[side].conn;
+  if (!pc || n == 0 || pc->h2.closing) return;
+  /* Upstream connections consume connection-level credit on receipt (see
+   * on_data_chunk), so one slow client never stalls the shared connection. */
+  if (pc->upstream) nghttp2_session_consume_stream(pc->h2.session, c->leg[side].sid, n);
+  else nghttp2_session_consume(pc->h2.session, c->leg[side].sid, n);
+  fs_h2conn_mark(&pc->h2);
+}
+
+/* Drops what fl[side] holds and everything that arrives later. */
+static void flow_discard(call *c, int side) {
+  flow *f = &c->fl[side];
+  f->discard = 1;
+  consume(c, side, f->data.len);
+  fs_bufq_reset(&f->data);
+}
+
+static void detach(call *c, int side) {
+  pconn *pc = c->leg[side].conn;
+  if (!pc) return;
+  list_del(&pc->calls, c, side);
+  if (!pc->h2.closing) nghttp2_session_set_stream_user_data(pc->h2.session, c->leg[side].sid, NULL);
+  c->leg[side].conn = NULL;
+  pc->nstreams--;
+  if (!pc->upstream) idle_timer_update(pc);
+  /* Nothing will ever take what the other leg sends now. */
+  flow_discard(c, !side);
+}
+
+static void rst_leg(call *c, int side, uint32_t code) {
+  pconn *pc = c->leg[side].conn;
+  if (!pc || pc->h2.closing) return;
+  nghttp2_submit_rst_stream(pc->h2.session, NGHTTP2_FLAG_NONE, c->leg[side].sid, code);
+  fs_h2conn_mark(&pc->h2);
+}
+
+static void resume(call *c, int sink) {
+  pconn *pc = c->leg[sink].conn;
+  flow *f = &c->fl[!sink];
+  if (!pc || !f->deferred || pc->h2.closing) return;
+  f->deferred = 0;
+  nghttp2_session_resume_data(pc->h2.session, c->leg[sink].sid);
+  fs_h2conn_mark(&pc->h2);
+}
+
+static void method_of(const call *c, char *out, size_t len) {
+  if (c->path) {
+    nghttp2_vec v = nghttp2_rcbuf_get_buf(c->path);
+    snprintf(out, len, "%.*s", (int)v.len, (const char *)v.base);
+  } else {
+    snprintf(out, len, "?");
+  }
+}
+
+static void log_rpc_error(call *c, int status, const char *msg, size_t msglen) {
+  fs_event ev;
+  char method[256];
+  P.stats.calls_failed++;
+  if (!fs_ev_begin(&ev, FS_LOG_WARN, "rpc.error")) return;
+  method_of(c, method, sizeof(method));
+  fs_ev_str(&ev, "method", method);
+  fs_ev_i64(&ev, "grpc_status", status);
+  fs_ev_strn(&ev, "grpc_message", msg, msglen);
+  if (c->leg[DOWN].conn) fs_ev_str(&ev, "peer", c->leg[DOWN].conn->h2.peer);
+  fs_ev_u64(&ev, "duration_ms", fs_now_ms() - c->t_start);
+  fs_ev_end(&ev);
+}
+
+/* Notes the final status found in a response header block. */
+static void observe_status(call *c, const hdrs *h) {
+  nghttp2_vec st = hdrs_get(h, "grpc-status"), msg;
+  int status = 0;
+  size_t i;
+  if (c->finished) return;
+  c->finished = 1;
+  if (!st.len) {
+    nghttp2_vec http = hdrs_get(h, ":status");
+    if (http.len && (http.len != 3 || memcmp(http.base, "200", 3))) status = GRPC_UNAVAILABLE;
+    else return;
+  }
+  for (i = 0; i < st.len; i++) status = status * 10 + (st.base[i] >= '0' && st.base[i] <= '9' ? st.base[i] - '0' : 0);
+  if (status == 0) return;
+  msg = hdrs_get(h, "grpc-message");
+  log_rpc_error(c, status, (const char *)msg.base, msg.len);
+}
+
+/* Ends the call for the client with |status| and |fmt| (the sidecar's own
+ * message, "flower-sidecar: ..."), and cancels the upstream leg. */
+static void fail_call(call *c, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void fail_call(call *c, int status, const char *fmt, ...) {
+  pconn *d = c->leg[DOWN].conn;
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(c->synth_msg, sizeof(c->synth_msg), fmt, ap);
+  va_end(ap);
+  queue_del(c);
+  if (c->leg[UP].conn) {
+    rst_leg(c, UP, NGHTTP2_CANCEL);
+    detach(c, UP);
+  }
+  flow_discard(c, DOWN);
+  if (!d || c->finished) return; /* the caller frees a call with no legs */
+  c->finished = 1;
+  log_rpc_error(c, status, c->synth_msg, strlen(c->synth_msg));
+  if (!c->resp_started) {
+    /* Trailers-Only: nothing was sent to the client yet. */
+    char st[8], enc[720];
+    nghttp2_nv nv[4] = {
+      {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"grpc-status", (uint8_t *)st, 11, 0, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
+    };
+    nv[2].valuelen = (size_t)snprintf(st, sizeof(st), "%d", status);
+    nv[3].valuelen = fs_grpc_message_encode(enc, sizeof(enc), c->synth_msg);
+    c->resp_started = 1;
+    c->fl[UP].eof = 1;
+    nghttp2_submit_response(d->h2.session, c->leg[DOWN].sid, nv, 4, NULL);
+  } else {
+    /* Headers went out: end with trailers after what is already queued. */
+    c->synth = 1;
+    c->synth_status = status;
+    hdrs_clear(&c->fl[UP].trailers);
+    c->fl[UP].eof = 1;
+    c->fl[UP].deferred = 1;
+    resume(c, DOWN);
+  }
+  fs_h2conn_mark(&d->h2);
+}
+
+/* --- forwarding ------------------------------------------------------------- */
+
+static void submit_trailers(call *c, int sink) {
+  pconn *pc = c->leg[sink].conn;
+  flow *f = &c->fl[!sink];
+  if (sink == DOWN && c->synth) {
+    char st[8], enc[720];
+    nghttp2_nv nv[2] = {
+      {(uint8_t *)"grpc-status", (uint8_t *)st, 11, 0, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
+    };
+    nv[0].valuelen = (size_t)snprintf(st, sizeof(st), "%d", c->synth_status);
+    nv[1].valuelen = fs_grpc_message_encode(enc, sizeof(enc), c->synth_msg);
+    nghttp2_submit_trailer(pc->h2.session, c->leg[sink].sid, nv, 2);
+    return;
+  }
+  {
+    nghttp2_nv nv[f->trailers.n / 2 + 1];
+    size_t n = hdrs_nv(&f->trailers, nv, NULL);
+    nghttp2_submit_trailer(pc->h2.session, c->leg[sink].sid, nv, n);
+    hdrs_clear(&f->trailers);
+  }
+}
+
+static int has_trailers(const call *c, int sink) { return c->fl[!sink].trailers.n > 0 || (sink == DOWN && c->synth); }
+
+static ssize_t read_cb(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t length, uint32_t *flags,
+                       nghttp2_data_source *src, void *ud) {
+  call *c = src->ptr;
+  int sink = conn_of(ud)->upstream ? UP : DOWN;
+  flow *f = &c->fl[!sink];
+  size_t n;
+  (void)s, (void)sid, (void)buf;
+  if (f->data.len == 0 && !f->eof) {
+    f->deferred = 1;
+    return NGHTTP2_ERR_DEFERRED;
+  }
+  n = f->data.len < length ? f->data.len : length;
+  if (n) *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+  if (n == f->data.len && f->eof) {
+    *flags |= NGHTTP2_DATA_FLAG_EOF;
+    if (has_trailers(c, sink)) {
+      *flags |= NGHTTP2_DATA_FLAG_NO_END_STREAM;
+      submit_trailers(c, sink);
+    }
+  }
+  return (ssize_t)n;
+}
+
+static int send_data_cb(nghttp2_session *s, nghttp2_frame *frame, const uint8_t *framehd, size_t length,
+                        nghttp2_data_source *src, void *ud) {
+  pconn *pc = ud;
+  call *c = src->ptr;
+  int sink = pc->upstream ? UP : DOWN;
+  flow *f = &c->fl[!sink];
+  size_t left = length, padlen = frame->data.padlen;
+  fs_block *b;
+  (void)s;
+  if (!fs_h2conn_writable(&pc->h2)) return NGHTTP2_ERR_WOULDBLOCK;
+  fs_h2conn_write(&pc->h2, framehd, 9);
+  if (padlen > 0) {
+    uint8_t pl = (uint8_t)(padlen - 1);
+    fs_h2conn_write(&pc->h2, &pl, 1);
+  }
+  for (b = f->data.head; b && left > 0; b = b->next) {
+    size_t take = b->end - b->start;
+    if (take > left) take = left;
+    fs_h2conn_write(&pc->h2, b->data + b->start, take);
+    left -= take;
+  }
+  if (left > 0) { /* the frame was promised |length| bytes; never short-send */
+    static const uint8_t zeros[256];
+    while (left > 0) {
+      size_t take = left < sizeof(zeros) ? left : sizeof(zeros);
+      fs_h2conn_write(&pc->h2, zeros, take);
+      left -= take;
+    }
+  }
+  if (padlen > 1) {
+    static const uint8_t zeros[256];
+    fs_h2conn_write(&pc->h2, zeros, padlen - 1);
+  }
+  fs_bufq_drop(&f->data, length);
+  /* The bytes are on their way: let the sender send more. */
+  consume(c, !sink, length);
+  return 0;
+}
+
+static nghttp2_data_provider provider(call *c) {
+  nghttp2_data_provider prd;
+  prd.source.ptr = c;
+  prd.read_callback = read_cb;
+  return prd;
+}
+
+static void submit_upstream(call *c, pconn *u) {
+  nghttp2_data_provider prd = provider(c);
+  nghttp2_nv nv[c->head[DOWN].n / 2 + 1];
+  size_t n = hdrs_nv(&c->head[DOWN], nv, P.up_ctx ? "https" : "http");
+  int32_t sid;
+  int no_body = c->fl[DOWN].eof && c->fl[DOWN].data.len == 0 && !c->fl[DOWN].trailers.n;
+  sid = nghttp2_submit_request(u->h2.session, NULL, nv, n, no_body ? NULL : &prd, c);
+  hdrs_clear(&c->head[DOWN]);
+  if (sid < 0) {
+    fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s:%d cannot take the call (%s)", P.up_host, P.up_port,
+              nghttp2_strerror(sid));
+    return;
+  }
+  c->leg[UP].conn = u;
+  c->leg[UP].sid = sid;
+  list_add(&u->calls, c, UP);
+  u->nstreams++;
+  fs_h2conn_mark(&u->h2);
+}
+
+/* An upstream connection that can take a new stream now, or NULL. */
+static pconn *pick_upstream(int *should_connect) {
+  pconn *u, *best = NULL;
+  int connecting = 0;
+  for (u = P.ups; u; u = u->next) {
+    uint32_t max;
+    if (u->h2.closing) continue;
+    if (!u->ready) {
+      connecting = 1;
+      continue;
+    }
+    if (u->goaway) continue;
+    max = nghttp2_session_get_remote_settings(u->h2.session, NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS);
+    if (u->nstreams < max) return u;
+    if (!best || u->nstreams < best->nstreams) best = u;
+  }
+  *should_connect = !connecting && P.nups < P.cfg->upstream_conns_max && !P.draining;
+  /* Every connection is full and no more may be opened: nghttp2 queues the
+   * stream until one closes. */
+  return *should_connect || connecting ? NULL : best;
+}
+
+static void route_call(call *c) {
+  int should_connect = 0;
+  pconn *u = pick_upstream(&should_connect);
+  if (u) {
+    submit_upstream(c, u);
+    return;
+  }
+  queue_add(c);
+  if (should_connect) {
+    /* A call is waiting: try now rather than after the backoff delay. */
+    uv_timer_stop(&P.reconnect_timer);
+    up_connect();
+  }
+}
+
+static void dispatch_queue(void) {
+  while (P.qhead) {
+    int should_connect;
+    pconn *u = pick_upstream(&should_connect);
+    call *c = P.qhead;
+    if (!u) {
+      if (should_connect) up_connect();
+      return;
+    }
+    queue_del(c);
+    submit_upstream(c, u);
+  }
+}
+
+static void fail_queue(const char *why) {
+  while (P.qhead) {
+    call *c = P.qhead;
+    queue_del(c);
+    fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s:%d unreachable (%s)", P.up_host, P.up_port, why);
+  }
+}
+
+/* --- nghttp2 callbacks (both sides) ------------------------------------ */
+
+static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
+  pconn *pc = ud;
+  call *c;
+  if (pc->upstream || frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  if (!(c = call_new())) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  c->leg[DOWN].conn = pc;
+  c->leg[DOWN].sid = frame->hd.stream_id;
+  list_add(&pc->calls, c, DOWN);
+  pc->nstreams++;
+  pc->rpcs++;
+  idle_timer_update(pc);
+  nghttp2_session_set_stream_user_data(s, frame->hd.stream_id, c);
+  return 0;
+}
+
+static int on_header(nghttp2_session *s, const nghttp2_frame *frame, nghttp2_rcbuf *name, nghttp2_rcbuf *value,
+                     uint8_t flags, void *ud) {
+  pconn *pc = ud;
+  call *c = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+  int side = pc->upstream ? UP : DOWN;
+  hdrs *h;
+  (void)flags;
+  if (!c || frame->hd.type != NGHTTP2_HEADERS || c->overflow) return 0;
+  h = frame->headers.cat == NGHTTP2_HCAT_HEADERS ? &c->fl[side].trailers : &c->head[side];
+  if (hdrs_push(h, name, value) < 0) {
+    c->overflow = 1;
+    return 0;
+  }
+  if (side == DOWN && !c->path) {
+    nghttp2_vec k = nghttp2_rcbuf_get_buf(name);
+    if (k.len == 5 && !memcmp(k.base, ":path", 5)) {
+      nghttp2_rcbuf_incref(value);
+      c->path = value;
+    }
+  }
+  return 0;
+}
+
+static void on_request_headers(call *c, const nghttp2_frame *frame) {
+  if (c->overflow) {
+    fail_call(c, GRPC_RESOURCE_EXHAUSTED, "flower-sidecar: request headers exceed --max-header-list-size %u bytes",
+              P.cfg->max_header_list_size);
+    return;
+  }
+  if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) c->fl[DOWN].eof = 1;
+  route_call(c);
+}
+
+static void on_response_headers(call *c, const nghttp2_frame *frame) {
+  pconn *d = c->leg[DOWN].conn;
+  int end = frame->hd.flags & NGHTTP2_FLAG_END_STREAM;
+  if (c->overflow) {
+    fail_call(c, GRPC_INTERNAL, "flower-sidecar: upstream response headers exceed --max-header-list-size %u bytes",
+              P.cfg->max_header_list_size);
+    return;
+  }
+  if (end) {
+    c->fl[UP].eof = 1;
+    observe_status(c, &c->head[UP]);
+  }
+  if (d && !c->resp_started) {
+    nghttp2_data_provider prd = provider(c);
+    nghttp2_nv nv[c->head[UP].n / 2 + 1];
+    size_t n = hdrs_nv(&c->head[UP], nv, NULL);
+    c->resp_started = 1;
+    nghttp2_submit_response(d->h2.session, c->leg[DOWN].sid, nv, n, end ? NULL : &prd);
+    fs_h2conn_mark(&d->h2);
+  }
+  hdrs_clear(&c->head[UP]);
+}
+
+static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
+  pconn *pc = ud;
+  int side = pc->upstream ? UP : DOWN;
+  call *c;
+  switch (frame->hd.type) {
+  case NGHTTP2_SETTINGS:
+    if (pc->upstream && !(frame->hd.flags & NGHTTP2_FLAG_ACK) && !pc->ready) {
+      fs_event ev;
+      pc->ready = 1;
+      P.nups_connecting--;
+      fs_h2conn_set_timer(&pc->h2, 0);
+      fs_backoff_reset(&P.backoff);
+      if (!P.upstream_up) {
+        P.upstream_up = 1;
+        if (fs_ev_begin(&ev, FS_LOG_INFO, "upstream.up")) {
+          char up[300];
+          snprintf(up, sizeof(up), "%s:%d", P.up_host, P.up_port);
+          fs_ev_str(&ev, "upstream", up);
+          fs_ev_u64(&ev, "connect_ms", fs_now_ms() - pc->h2.opened_ms);
+          fs_ev_end(&ev);
+        }
+      }
+      dispatch_queue();
+    }
+    return 0;
+  case NGHTTP2_GOAWAY:
+    if (pc->upstream) {
+      pc->goaway = 1;
+      /* New calls need a connection that will take them. */
+      if (P.qhead) dispatch_queue();
+    }
+    return 0;
+  case NGHTTP2_HEADERS:
+  case NGHTTP2_DATA:
+    break;
+  default:
+    return 0;
+  }
+  if (!(c = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id))) return 0;
+  if (frame->hd.type == NGHTTP2_HEADERS) {
+    if (frame->headers.cat == NGHTTP2_HCAT_REQUEST) {
+      on_request_headers(c, frame);
+      return 0;
+    }
+    if (frame->headers.cat == NGHTTP2_HCAT_RESPONSE) {
+      on_response_headers(c, frame);
+      return 0;
+    }
+    /* Trailers (always END_STREAM). */
+    if (c->overflow) {
+      fail_call(c, GRPC_INTERNAL, "flower-sidecar: trailers exceed --max-header-list-size %u bytes",
+                P.cfg->max_header_list_size);
+      return 0;
+    }
+    if (side == UP) observe_status(c, &c->fl[UP].trailers);
+  }
+  if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) {
+    c->fl[side].eof = 1;
+    if (c->fl[side].discard) hdrs_clear(&c->fl[side].trailers);
+    else resume(c, !side);
+  }
+  return 0;
+}
+
+static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t *data, size_t len, void *ud) {
+  pconn *pc = ud;
+  int side = pc->upstream ? UP : DOWN;
+  call *c = nghttp2_session_get_stream_user_data(s, sid);
+  flow *f;
+  int rv;
+  (void)flags;
+  if (pc->upstream) nghttp2_session_consume_connection(s, len);
+  if (!c) {
+    if (!pc->upstream) nghttp2_session_consume(s, sid, len);
+    return 0;
+  }
+  f = &c->fl[side];
+  if (f->discard) {
+    consume(c, side, len);
+    return 0;
+  }
+  rv = fs_grpcmsg_feed(&f->msgs, data, len, NULL, NULL);
+  if (rv == FS_GRPCMSG_TOO_BIG) {
+    fail_call(c, GRPC_RESOURCE_EXHAUSTED, "flower-sidecar: %s message larger than --max-message-size %u bytes",
+              side == DOWN ? "request" : "response", P.cfg->max_message_size);
+    consume(c, side, len);
+    return 0;
+  }
+  if (fs_bufq_append(&f->data, data, len) < 0) {
+    /* Only a peer ignoring flow control, or no memory, gets here. */
+    fail_call(c, GRPC_INTERNAL, "flower-sidecar: stream buffer limit exceeded");
+    consume(c, side, len);
+    return 0;
+  }
+  resume(c, !side);
+  return 0;
+}
+
+static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void *ud) {
+  pconn *pc = ud;
+  int side = pc->upstream ? UP : DOWN;
+  call *c = nghttp2_session_get_stream_user_data(s, sid);
+  if (!c) return 0;
+  if (side == DOWN && c->leg[UP].conn && !c->finished) {
+    char msg[96];
+    snprintf(msg, sizeof(msg), "client reset the stream (%s)", nghttp2_http2_strerror(code));
+    c->finished = 1;
+    log_rpc_error(c, GRPC_CANCELLED, msg, strlen(msg));
+  }
+  detach(c, side);
+  if (side == UP) {
+    if (c->leg[DOWN].conn && !c->fl[UP].eof) {
+      /* The upstream reset the stream: pass the reset on. */
+      if (!c->finished) {
+        char msg[96];
+        snprintf(msg, sizeof(msg), "upstream reset the stream (%s)", nghttp2_http2_strerror(code));
+        c->finished = 1;
+        log_rpc_error(c, code == NGHTTP2_REFUSED_STREAM ? GRPC_UNAVAILABLE : GRPC_CANCELLED, msg, strlen(msg));
+      }
+      rst_leg(c, DOWN, code ? code : NGHTTP2_INTERNAL_ERROR);
+    }
+  } else {
+    queue_del(c);
+    if (c->leg[UP].conn) {
+      rst_leg(c, UP, code ? code : NGHTTP2_CANCEL);
+      detach(c, UP);
+    }
+  }
+  maybe_free(c);
+  return 0;
+}
+
+static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
+  pconn *pc = ud;
+  call *c;
+  /* Our response ended while the client is still sending: tell it to stop
+   * (RFC 9113 8.1) so the stream closes without waiting for its body. */
+  if (pc->upstream || !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM) ||
+      (frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA))
+    return 0;
+  c = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
+  if (c && nghttp2_session_get_stream_remote_close(s, frame->hd.stream_id) == 0)
+    nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_NO_ERROR);
+  return 0;
+}
+
+/* --- downstream connections ------------------------------------------------- */
+
+static void idle_timer_update(pconn *d) {
+  uint64_t ms = (uint64_t)(P.cfg->idle_timeout_s * 1000);
+  if (d->upstream || d->h2.closing || !d->h2.tls_ready) return;
+  if (d->nstreams > 0 || ms == 0) fs_h2conn_set_timer(&d->h2, 0);
+  else if (!uv_is_active((uv_handle_t *)&d->h2.timer)) fs_h2conn_set_timer(&d->h2, ms);
+}
+
+static void goaway(pconn *pc, const char *reason) {
+  if (pc->h2.closing || !pc->h2.session) return;
+  snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "%s", reason);
+  nghttp2_submit_goaway(pc->h2.session, NGHTTP2_FLAG_NONE, nghttp2_session_get_last_proc_stream_id(pc->h2.session),
+                        NGHTTP2_NO_ERROR, NULL, 0);
+  fs_h2conn_mark(&pc->h2);
+}
+
+static int down_ready(fs_h2conn *h) {
+  pconn *d = conn_of(h);
+  nghttp2_settings_entry iv[] = {
+    {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, P.cfg->max_concurrent_streams},
+    {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, P.cfg->stream_window},
+    {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, P.cfg->max_header_list_size},
+  };
+  fs_event ev;
+  fs_h2conn_set_timer(h, 0);
+  if (nghttp2_session_server_new2(&h->session, P.cbs, d, P.down_opt) != 0 ||
+      nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 3) != 0 ||
+      nghttp2_session_set_local_window_size(h->session, NGHTTP2_FLAG_NONE, 0, (int32_t)P.cfg->conn_window) != 0) {
+    snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");
+    return -1;
+  }
+  d->opened = 1;
+  P.stats.conns_current++;
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "conn.open")) {
+    fs_ev_str(&ev, "peer", h->peer);
+    if (h->ssl) {
+      X509 *cert = SSL_get1_peer_certificate(h->ssl);
+      fs_ev_str(&ev, "tls_version", SSL_get_version(h->ssl));
+      fs_ev_str(&ev, "alpn", "h2");
+      if (cert) {
+        char subj[256];
+        X509_NAME_oneline(X509_get_subject_name(cert), subj, sizeof(subj));
+        fs_ev_str(&ev, "client_cert", subj);
+        X509_free(cert);
+      }
+    } else {
+      fs_ev_str(&ev, "alpn", "h2c");
+    }
+    fs_ev_end(&ev);
+  }
+  if (P.draining) goaway(d, "draining");
+  idle_timer_update(d);
+  fs_h2conn_mark(h);
+  return 0;
+}
+
+static void down_tls_fail(fs_h2conn *h, const char *reason) {
+  fs_event ev;
+  P.stats.tls_failures++;
+  if (fs_ev_begin(&ev, FS_LOG_WARN, "tls.fail")) {
+    fs_ev_str(&ev, "peer", h->peer);
+    fs_ev_str(&ev, "reason", reason);
+    fs_ev_end(&ev);
+  }
+}
+
+static void down_closing(fs_h2conn *h, const char *reason) {
+  pconn *d = conn_of(h);
+  fs_event ev;
+  while (d->calls) {
+    call *c = d->calls;
+    detach(c, DOWN);
+    queue_del(c);
+    if (c->leg[UP].conn) {
+      rst_leg(c, UP, NGHTTP2_CANCEL);
+      detach(c, UP);
+    }
+    maybe_free(c);
+  }
+  if (d->opened) {
+    P.stats.conns_current--;
+    if (fs_ev_begin(&ev, FS_LOG_INFO, "conn.close")) {
+      fs_ev_str(&ev, "peer", h->peer);
+      fs_ev_u64(&ev, "duration_ms", fs_now_ms() - h->opened_ms);
+      fs_ev_u64(&ev, "bytes_in", h->bytes_in);
+      fs_ev_u64(&ev, "bytes_out", h->bytes_out);
+      fs_ev_u64(&ev, "rpcs", d->rpcs);
+      fs_ev_str(&ev, "reason", reason);
+      fs_ev_end(&ev);
+    }
+  }
+}
+
+static void down_freed(fs_h2conn *h) {
+  pconn *d = conn_of(h);
+  if (d->prev) d->prev->next = d->next;
+  else P.downs = d->next;
+  if (d->next) d->next->prev = d->prev;
+  P.ndowns--;
+  free(d);
+  maybe_stopped();
+}
+
+static void down_timer(fs_h2conn *h) {
+  pconn *d = conn_of(h);
+  if (!h->tls_ready) {
+    down_tls_fail(h, "TLS handshake timeout");
+    fs_h2conn_close(h, "TLS handshake timeout");
+  } else if (d->nstreams == 0) {
+    goaway(d, "idle timeout");
+  }
+}
+
+static const fs_h2conn_ops down_ops = {down_ready, down_tls_fail, down_closing, down_freed, down_timer};
+
+static void on_accept(uv_stream_t *server, int status) {
+  pconn *d;
+  if (status < 0 || P.draining) return;
+  if (!(d = calloc(1, sizeof(*d)))) return;
+  if (fs_h2conn_init(&d->h2, P.loop, &down_ops) < 0) {
+    free(d);
+    return;
+  }
+  d->next = P.downs;
+  if (P.downs) P.downs->prev = d;
+  P.downs = d;
+  P.ndowns++;
+  if (uv_accept(server, (uv_stream_t *)&d->h2.tcp) < 0) {
+    fs_h2conn_close(&d->h2, "accept failed");
+    return;
+  }
+  P.stats.conns_total++;
+  peer_name(&d->h2.tcp, d->h2.peer, sizeof(d->h2.peer));
+  if (P.down_ctx) fs_h2conn_set_timer(&d->h2, (uint64_t)(P.cfg->tls_handshake_timeout_s * 1000));
+  fs_h2conn_start(&d->h2, P.down_ctx, 1, NULL, NULL);
+}
+
+/* --- upstream connections ----------------------------------------------------- */
+
+static void up_log_down(const char *reason) {
+  fs_event ev;
+  char up[300];
+  P.upstream_up = 0;
+  snprintf(up, sizeof(up), "%s:%d", P.up_host, P.up_port);
+  if (fs_ev_begin(&ev, FS_LOG_WARN, "upstream.down")) {
+    fs_ev_str(&ev, "upstream", up);
+    fs_ev_str(&ev, "reason", reason);
+    fs_ev_end(&ev);
+  }
+}
+
+static int up_ready(fs_h2conn *h) {
+  pconn *u = conn_of(h);
+  nghttp2_settings_entry iv[] = {
+    {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+    {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, P.cfg->stream_window},
+    {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, P.cfg->max_header_list_size},
+  };
+  if (nghttp2_session_client_new2(&h->session, P.cbs, u, P.up_opt) != 0 ||
+      nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 3) != 0 ||
+      /* Stream windows bound memory; the connection window only must not
+       * get in the way (see consume()). */
+      nghttp2_session_set_local_window_size(h->session, NGHTTP2_FLAG_NONE, 0, 1 << 30) != 0) {
+    snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");
+    return -1;
+  }
+  fs_h2conn_mark(h);
+  return 0;
+}
+
+static void up_closing(fs_h2conn *h, const char *reason) {
+  pconn *u = conn_of(h);
+  int was_ready = u->ready;
+  if (!u->ready) P.nups_connecting--;
+  u->ready = 0;
+  snprintf(P.up_error, sizeof(P.up_error), "%s", reason);
+  while (u->calls) {
+    call *c = u->calls;
+    detach(c, UP);
+    if (!c->fl[UP].eof)
+      fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s:%d connection lost (%s)", P.up_host, P.up_port,
+                reason);
+    maybe_free(c);
+  }
+  if (!was_ready) P.stats.upstream_failures++;
+}
+
+static int any_up_ready(void) {
+  pconn *u;
+  for (u = P.ups; u; u = u->next)
+    if (u->ready && !u->h2.closing) return 1;
+  return 0;
+}
+
+static void up_freed(fs_h2conn *h) {
+  pconn *u = conn_of(h);
+  if (u->prev) u->prev->next = u->next;
+  else P.ups = u->next;
+  if (u->next) u->next->prev = u->prev;
+  P.nups--;
+  free(u);
+  if (P.upstream_up && !any_up_ready()) up_log_down(P.up_error);
+  if (P.nups_connecting == 0 && !any_up_ready()) fail_queue(P.up_error);
+  else dispatch_queue();
+  schedule_reconnect();
+  maybe_stopped();
+}
+
+static void up_timer(fs_h2conn *h) {
+  char why[64];
+  snprintf(why, sizeof(why), "no HTTP/2 SETTINGS within %gs", P.cfg->connect_timeout_s);
+  if (!conn_of(h)->ready) fs_h2conn_close(h, why);
+}
+
+static const fs_h2conn_ops up_ops = {up_ready, NULL, up_closing, up_freed, up_timer};
+
+static void on_up_connected(uv_connect_t *req, int status) {
+  pconn *u = req->data;
+  if (u->h2.closing) return;
+  if (status < 0) {
+    fs_h2conn_close(&u->h2, uv_strerror(status));
+    return;
+  }
+  fs_h2conn_start(&u->h2, P.up_ctx, 0, P.cfg->tls_server_name ? P.cfg->tls_server_name : P.up_host,
+                  P.cfg->tls_server_name ? P.cfg->tls_server_name : P.up_host);
+}
+
+static void up_connect_to(const struct sockaddr *sa) {
+  pconn *u = calloc(1, sizeof(*u));
+  int rv;
+  if (!u) return;
+  if (fs_h2conn_init(&u->h2, P.loop, &up_ops) < 0) {
+    free(u);
+    return;
+  }
+  u->upstream = 1;
+  u->next = P.ups;
+  if (P.ups) P.ups->prev = u;
+  P.ups = u;
+  P.nups++;
+  P.nups_connecting++;
+  P.stats.upstream_connects++;
+  snprintf(u->h2.peer, sizeof(u->h2.peer), "%s:%d", P.up_host, P.up_port);
+  fs_h2conn_set_timer(&u->h2, (uint64_t)(P.cfg->connect_timeout_s * 1000));
+  u->creq.data = u;
+  if ((rv = uv_tcp_connect(&u->creq, &u->h2.tcp, sa, on_up_connected)) < 0) fs_h2conn_close(&u->h2, uv_strerror(rv));
+}
+
+static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res) {
+  (void)req;
+  P.resolving = 0;
+  if (status < 0 || !res) {
+    snprintf(P.up_error, sizeof(P.up_error), "cannot resolve %s: %s", P.up_host, uv_strerror(status));
+    if (P.upstream_up) up_log_down(P.up_error);
+    if (!P.nups_connecting) fail_queue(P.up_error);
+    schedule_reconnect();
+    maybe_stopped();
+  } else if (!P.draining) {
+    memcpy(&P.up_addr, res->ai_addr, res->ai_addrlen);
+    up_connect_to(res->ai_addr);
+  }
+  uv_freeaddrinfo(res);
+}
+
+static void up_connect(void) {
+  if (P.draining || P.resolving) return;
+  if (P.up_addr_ok) {
+    up_connect_to((const struct sockaddr *)&P.up_addr);
+  } else {
+    char port[8];
+    struct addrinfo hints;
+    memset(&hints, 0, sizeof(hints));
+    hints.ai_socktype = SOCK_STREAM;
+    snprintf(port, sizeof(port), "%d", P.up_port);
+    if (uv_getaddrinfo(P.loop, &P.gai, on_resolved, P.up_host, port, &hints) == 0) P.resolving = 1;
+  }
+}
+
+static void on_reconnect_timer(uv_timer_t *t) {
+  (void)t;
+  if (P.nups == 0) up_connect();
+}
+
+static void schedule_reconnect(void) {
+  uint64_t delay;
+  fs_event ev;
+  if (P.draining || P.nups > 0 || P.resolving || uv_is_active((uv_handle_t *)&P.reconnect_timer)) return;
+  delay = fs_backoff_next(&P.backoff);
+  if (delay > 0 && fs_ev_begin(&ev, FS_LOG_INFO, "upstream.backoff")) {
+    char up[300];
+    snprintf(up, sizeof(up), "%s:%d", P.up_host, P.up_port);
+    fs_ev_str(&ev, "upstream", up);
+    fs_ev_u64(&ev, "attempt", P.backoff.attempt);
+    fs_ev_u64(&ev, "delay_ms", delay);
+    fs_ev_str(&ev, "reason", P.up_error);
+    fs_ev_end(&ev);
+  }
+  uv_timer_start(&P.reconnect_timer, on_reconnect_timer, delay, 0);
+}
+
+/* --- start and stop --------------------------------------------------------- */
+
+static int listen_on(const char *addr, char *err, size_t errlen) {
+  char host[256];
+  int port, rv;
+  struct sockaddr_storage ss;
+  fs_hostport_split(addr, host, sizeof(host), &port);
+  if (!host[0]) strcpy(host, "0.0.0.0");
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 && uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0) {
+    snprintf(err, errlen, "invalid --listen: '%s' (not a numeric IP address)", addr);
+    return -1;
+  }
+  uv_tcp_init(P.loop, &P.listener);
+  P.listening = 1;
+  if ((rv = uv_tcp_bind(&P.listener, (struct sockaddr *)&ss, 0)) < 0 ||
+      (rv = uv_listen((uv_stream_t *)&P.listener, 1024, on_accept)) < 0) {
+    snprintf(err, errlen, "cannot listen on %s: %s", addr, uv_strerror(rv));
+    return -1;
+  }
+  return 0;
+}
+
+int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL_CTX *up_ctx,
+                   void (*on_stopped)(void), char *err, size_t errlen) {
+  memset(&P, 0, sizeof(P));
+  P.loop = loop;
+  P.cfg = cfg;
+  P.down_ctx = down_ctx;
+  P.up_ctx = up_ctx;
+  P.on_stopped = on_stopped;
+  fs_hostport_split(cfg->upstream, P.up_host, sizeof(P.up_host), &P.up_port);
+  if (uv_ip4_addr(P.up_host, P.up_port, (struct sockaddr_in *)&P.up_addr) == 0 ||
+      uv_ip6_addr(P.up_host, P.up_port, (struct sockaddr_in6 *)&P.up_addr) == 0)
+    P.up_addr_ok = 1;
+  snprintf(P.up_error, sizeof(P.up_error), "not connected yet");
+  fs_backoff_init(&P.backoff, (uint64_t)(cfg->backoff_initial_s * 1000), (uint64_t)(cfg->backoff_max_s * 1000),
+                  (uint64_t)uv_hrtime() ^ (uint64_t)getpid());
+  uv_timer_init(loop, &P.reconnect_timer);
+  uv_timer_init(loop, &P.drain_timer);
+
+  nghttp2_session_callbacks_new(&P.cbs);
+  fs_h2conn_set_callbacks(P.cbs);
+  nghttp2_session_callbacks_set_on_begin_headers_callback(P.cbs, on_begin_headers);
+  nghttp2_session_callbacks_set_on_header_callback2(P.cbs, on_header);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(P.cbs, on_frame_recv);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(P.cbs, on_data_chunk);
+  nghttp2_session_callbacks_set_on_stream_close_callback(P.cbs, on_stream_close);
+  nghttp2_session_callbacks_set_on_frame_send_callback(P.cbs, on_frame_send);
+  nghttp2_session_callbacks_set_send_data_callback(P.cbs, send_data_cb);
+  nghttp2_option_new(&P.down_opt);
+  nghttp2_option_set_no_auto_window_update(P.down_opt, 1);
+  nghttp2_option_new(&P.up_opt);
+  nghttp2_option_set_no_auto_window_update(P.up_opt, 1);
+
+  if (fs_h2conn_global_init(loop) < 0) return snprintf(err, errlen, "cannot start the event loop"), -1;
+  if (listen_on(cfg->listen, err, errlen) < 0) return -1;
+  up_connect();
+  return 0;
+}
+
+static void on_drain_timeout(uv_timer_t *t) {
+  pconn *d, *next;
+  (void)t;
+  for (d = P.downs; d; d = next) {
+    next = d->next;
+    fs_h2conn_close(&d->h2, "drain timeout");
+  }
+}
+
+static void close_listener(void) {
+  if (!P.listening) return;
+  P.listening = 0;
+  uv_close((uv_handle_t *)&P.listener, NULL);
+}
+
+void fs_proxy_drain(void) {
+  pconn *d, *next;
+  if (P.draining) return;
+  P.draining = 1;
+  close_listener();
+  uv_timer_stop(&P.reconnect_timer);
+  for (d = P.downs; d; d = next) {
+    next = d->next;
+    if (!d->h2.tls_ready) fs_h2conn_close(&d->h2, "draining");
+    else goaway(d, "draining");
+  }
+  uv_timer_start(&P.drain_timer, on_drain_timeout, (uint64_t)(P.cfg->drain_timeout_s * 1000), 0);
+  maybe_stopped();
+}
+
+static void maybe_stopped(void) {
+  pconn *u, *next;
+  if (!P.draining || P.stopped || P.ndowns > 0) return;
+  if (P.nups > 0) {
+    for (u = P.ups; u; u = next) {
+      next = u->next;
+      fs_h2conn_close(&u->h2, "shutting down");
+    }
+    return; /* back here from up_freed */
+  }
+  if (P.resolving) {
+    uv_cancel((uv_req_t *)&P.gai);
+    return;
+  }
+  P.stopped = 1;
+  fail_queue("shutting down");
+  uv_close((uv_handle_t *)&P.reconnect_timer, NULL);
+  uv_close((uv_handle_t *)&P.drain_timer, NULL);
+  fs_h2conn_global_close();
+  nghttp2_session_callbacks_del(P.cbs);
+  nghttp2_option_del(P.down_opt);
+  nghttp2_option_del(P.up_opt);
+  SSL_CTX_free(P.down_ctx);
+  SSL_CTX_free(P.up_ctx);
+  if (P.on_stopped) P.on_stopped();
+}

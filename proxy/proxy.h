@@ -1,0 +1,50 @@
+/*
+ * proxy: the gRPC data path.  Every downstream HTTP/2 stream becomes a
+ * call that is forwarded, headers, DATA, trailers and resets, over a pool
+ * of upstream HTTP/2 connections.
+ *
+ * Flow control is end to end: DATA is acknowledged (WINDOW_UPDATE) to its
+ * sender only once the other side has taken it, so at most one stream
+ * window per stream and direction is ever buffered, and a slow reader
+ * slows only its own stream.
+ */
+#ifndef FS_PROXY_H
+#define FS_PROXY_H
+
+#include <openssl/ssl.h>
+#include <stdint.h>
+#include <uv.h>
+
+#include "config.h"
+
+typedef struct fs_proxy_stats {
+  uint64_t conns_total, conns_current;
+  uint64_t calls_total, calls_failed;
+  uint64_t tls_failures;
+  uint64_t upstream_connects, upstream_failures;
+} fs_proxy_stats;
+
+/* Starts listening on cfg->listen and connecting to cfg->upstream.
+ * |down_ctx| (listener TLS) and |up_ctx| (upstream TLS) may be NULL for
+ * h2c; the proxy takes ownership of both.  |on_stopped| runs once the
+ * proxy has fully stopped after fs_proxy_drain().  Returns 0, or -1 with a
+ * one-line reason in |err|. */
+int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL_CTX *up_ctx,
+                   void (*on_stopped)(void), char *err, size_t errlen);
+
+/* Graceful shutdown: stop accepting, GOAWAY every connection, let calls
+ * finish up to cfg->drain_timeout_s, then close everything. Idempotent. */
+void fs_proxy_drain(void);
+
+/* Nonzero while at least one upstream connection is established (its
+ * SETTINGS arrived). */
+int fs_proxy_upstream_up(void);
+int fs_proxy_draining(void);
+const fs_proxy_stats *fs_proxy_get_stats(void);
+
+/* Percent-encodes |msg| for grpc-message (gRPC spec: bytes outside
+ * 0x20..0x7E and '%').  Returns the length written (always NUL-terminated,
+ * cut to fit |cap|). */
+size_t fs_grpc_message_encode(char *out, size_t cap, const char *msg);
+
+#endif
