@@ -251,6 +251,13 @@ static int become_ready(fs_h2conn *c) {
   return 0;
 }
 
+/* Reports a failed handshake once, then closes. */
+static void tls_fail(fs_h2conn *c, const char *why) {
+  if (!c->tls_fail_reported && c->ops->on_tls_fail) c->ops->on_tls_fail(c, why);
+  c->tls_fail_reported = 1;
+  fs_h2conn_close(c, why);
+}
+
 /* Advances the handshake and decrypts whatever arrived. */
 static void tls_input(fs_h2conn *c) {
   uint8_t plain[FS_TLS_RECORD];
@@ -267,11 +274,20 @@ static void tls_input(fs_h2conn *c) {
         long vr = SSL_get_verify_result(c->ssl);
         if (fs_tls_alpn_refused(c->ssl)) snprintf(why, sizeof(why), "client did not offer ALPN h2");
         else if (vr != X509_V_OK) snprintf(why, sizeof(why), "certificate verify failed: %s", X509_verify_cert_error_string(vr));
-        else if (e == SSL_ERROR_SYSCALL || (e == SSL_ERROR_SSL && ERR_peek_last_error() == 0)) snprintf(why, sizeof(why), "peer closed during the TLS handshake");
+        else if (e == SSL_ERROR_SYSCALL || (e == SSL_ERROR_SSL && ERR_peek_last_error() == 0)) snprintf(why, sizeof(why), "peer closed");
         else snprintf(why, sizeof(why), "%s", fs_tls_error_string("TLS error"));
         ERR_clear_error();
-        if (c->ops->on_tls_fail) c->ops->on_tls_fail(c, why);
-        fs_h2conn_close(c, why);
+        tls_fail(c, why);
+        return;
+      }
+    }
+    {
+      const unsigned char *alpn = NULL;
+      unsigned int alpn_len = 0;
+      SSL_get0_alpn_selected(c->ssl, &alpn, &alpn_len);
+      if (alpn_len != 2 || memcmp(alpn, "h2", 2) != 0) {
+        /* A client sending no ALPN extension never reaches the select callback. */
+        tls_fail(c, SSL_is_server(c->ssl) ? "client did not offer ALPN h2" : "server did not select ALPN h2");
         return;
       }
     }
@@ -409,6 +425,13 @@ void fs_h2conn_close(fs_h2conn *c, const char *reason) {
     (void)uv_try_write((uv_stream_t *)&c->tcp, bufs, (unsigned)outq_bufs(c, bufs, 8, &total));
   }
   if (g_stage_owner == c) g_stage_owner = NULL, g_stage_len = 0;
+  if (c->ssl && c->connected && !c->tls_ready && !c->tls_fail_reported && c->ops->on_tls_fail) {
+    /* e.g. a client that does not trust our certificate just hangs up. */
+    char why[200];
+    snprintf(why, sizeof(why), "%s during the TLS handshake", c->close_reason);
+    c->tls_fail_reported = 1;
+    c->ops->on_tls_fail(c, why);
+  }
   c->ops->on_closing(c, c->close_reason);
   uv_timer_stop(&c->timer);
   if (c->connected) uv_read_stop((uv_stream_t *)&c->tcp);

@@ -61,7 +61,7 @@ struct fs_h2conn {
   fs_h2conn *dprev, *dnext;     /* dirty list */
   uint64_t bytes_in, bytes_out; /* socket bytes */
   uint64_t opened_ms;
-  uint8_t dirty, closing, tls_ready, open_handles, connected;
+  uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported;
   char peer[280];
   char close_reason[160];
 };

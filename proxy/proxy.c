@@ -684,6 +684,9 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
     }
     return 0;
   case NGHTTP2_GOAWAY:
+    if (!pc->h2.close_reason[0])
+      snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "peer sent GOAWAY %s",
+               nghttp2_http2_strerror(frame->goaway.error_code));
     if (pc->upstream) {
       pc->goaway = 1;
       /* New calls need a connection that will take them. */
@@ -793,6 +796,12 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
 static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
   pconn *pc = ud;
   call *c;
+  if (frame->hd.type == NGHTTP2_GOAWAY && frame->goaway.error_code != NGHTTP2_NO_ERROR) {
+    /* nghttp2 found a protocol violation: say so when the connection closes. */
+    snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "protocol error: sent GOAWAY %s",
+             nghttp2_http2_strerror(frame->goaway.error_code));
+    return 0;
+  }
   /* Our response ended while the client is still sending: tell it to stop
    * (RFC 9113 8.1) so the stream closes without waiting for its body. */
   if (pc->upstream || !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM) ||
