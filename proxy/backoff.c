@@ -4,7 +4,12 @@
 void fs_backoff_init(fs_backoff *b, uint64_t initial_ms, uint64_t max_ms, uint64_t seed) {
   b->initial_ms = initial_ms;
   b->max_ms = max_ms < initial_ms ? initial_ms : max_ms;
-  b->rng = seed ? seed : 0x9e3779b97f4a7c15ull;
+  /* splitmix64: nearby seeds (pids, clocks) still give unrelated schedules. */
+  seed += 0x9e3779b97f4a7c15ull;
+  seed = (seed ^ (seed >> 30)) * 0xbf58476d1ce4e5b9ull;
+  seed = (seed ^ (seed >> 27)) * 0x94d049bb133111ebull;
+  seed ^= seed >> 31;
+  b->rng = seed ? seed : 1;
   fs_backoff_reset(b);
 }
 
