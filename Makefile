@@ -119,7 +119,7 @@ test: deps
 
 demo: deps
 	$(MAKE) all
-	/usr/bin/python3 tests/emulator/demo.py
+	/usr/bin/python3 deploy/demo.py
 
 install: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
 	install -D -m 0755 $(BUILD)/flower-sidecar $(DESTDIR)$(PREFIX)/bin/flower-sidecar

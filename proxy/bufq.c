@@ -102,3 +102,12 @@ void fs_bufq_reset(fs_bufq *q) {
   q->head = q->tail = NULL;
   q->len = 0;
 }
+
+void fs_bufq_global_free(void) {
+  while (freelist) {
+    fs_block *b = freelist;
+    freelist = b->next;
+    free(b);
+  }
+  nfree = 0;
+}

@@ -425,7 +425,9 @@ void fs_h2conn_close(fs_h2conn *c, const char *reason) {
     (void)uv_try_write((uv_stream_t *)&c->tcp, bufs, (unsigned)outq_bufs(c, bufs, 8, &total));
   }
   if (g_stage_owner == c) g_stage_owner = NULL, g_stage_len = 0;
-  if (c->ssl && c->connected && !c->tls_ready && !c->tls_fail_reported && c->ops->on_tls_fail) {
+  /* A port probe (connect, then close without a byte, like `nc -z`) is not
+   * a TLS failure. */
+  if (c->ssl && c->connected && !c->tls_ready && !c->tls_fail_reported && c->bytes_in > 0 && c->ops->on_tls_fail) {
     /* e.g. a client that does not trust our certificate just hangs up. */
     char why[200];
     snprintf(why, sizeof(why), "%s during the TLS handshake", c->close_reason);

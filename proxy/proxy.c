@@ -1228,5 +1228,6 @@ static void maybe_stopped(void) {
   nghttp2_option_del(P.up_opt);
   SSL_CTX_free(P.down_ctx);
   SSL_CTX_free(P.up_ctx);
+  fs_bufq_global_free();
   if (P.on_stopped) P.on_stopped();
 }
