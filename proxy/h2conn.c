@@ -188,6 +188,10 @@ static void flush(fs_h2conn *c) {
   if (c->closing) return;
   start_write(c);
   if (c->closing) return;
+  if (c->close_after_flush && c->outq.len == 0) {
+    fs_h2conn_close(c, c->close_reason[0] ? c->close_reason : "done");
+    return;
+  }
   /* Both sides are done (GOAWAY exchanged, streams finished): close once
    * every byte has left. */
   if (c->session && c->tls_ready && !nghttp2_session_want_read(c->session) &&
@@ -321,6 +325,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     c->rx_len = (size_t)nread;
     tls_input(c);
     c->rx_len = 0;
+  } else if (!c->tls_ready && c->ops->on_raw) {
+    c->ops->on_raw(c, (const uint8_t *)buf->base, (size_t)nread);
   } else {
     feed_h2(c, (const uint8_t *)buf->base, (size_t)nread);
   }
@@ -363,6 +369,8 @@ int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops) {
   return 0;
 }
 
+static int ops_has_raw(const fs_h2conn *c) { return c->ops->on_raw != NULL; }
+
 int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, const char *verify_name) {
   int rv;
   c->connected = 1;
@@ -396,9 +404,20 @@ int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, con
     fs_h2conn_close(c, uv_strerror(rv));
     return -1;
   }
-  if (!ctx) return become_ready(c);
+  if (!ctx) return ops_has_raw(c) ? 0 : become_ready(c);
   if (!server) tls_input(c); /* sends the ClientHello */
   return c->closing ? -1 : 0;
+}
+
+int fs_h2conn_begin_h2(fs_h2conn *c, const uint8_t *pending, size_t len) {
+  if (become_ready(c) < 0) return -1;
+  if (len) feed_h2(c, pending, len);
+  return c->closing ? -1 : 0;
+}
+
+void fs_h2conn_close_after_flush(fs_h2conn *c) {
+  c->close_after_flush = 1;
+  fs_h2conn_mark(c);
 }
 
 static void on_handle_closed(uv_handle_t *h) {

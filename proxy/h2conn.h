@@ -45,6 +45,11 @@ typedef struct fs_h2conn_ops {
   void (*on_freed)(fs_h2conn *c);
   /* c->timer fired. */
   void (*on_timer)(fs_h2conn *c);
+  /* Optional, cleartext only: bytes read before the connection is ready.
+   * The owner may answer with fs_h2conn_write() and
+   * fs_h2conn_close_after_flush(), or switch to HTTP/2 with
+   * fs_h2conn_begin_h2().  Lets one port speak HTTP/1.1 and h2c. */
+  void (*on_raw)(fs_h2conn *c, const uint8_t *data, size_t len);
 } fs_h2conn_ops;
 
 struct fs_h2conn {
@@ -61,7 +66,7 @@ struct fs_h2conn {
   fs_h2conn *dprev, *dnext;     /* dirty list */
   uint64_t bytes_in, bytes_out; /* socket bytes */
   uint64_t opened_ms;
-  uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported;
+  uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
   char peer[280];
   char close_reason[160];
 };
@@ -84,8 +89,16 @@ int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, con
 /* Fills the nghttp2 callbacks the transport owns (send_callback). */
 void fs_h2conn_set_callbacks(nghttp2_session_callbacks *cbs);
 
-/* Queues plaintext for the peer.  Only valid from this connection's own
- * nghttp2 send callbacks (during its flush). */
+/* Switches a connection in its on_raw phase to HTTP/2: calls
+ * ops->on_ready, then feeds |pending| (bytes already read) to the session.
+ * Returns 0, or -1 after closing |c|. */
+int fs_h2conn_begin_h2(fs_h2conn *c, const uint8_t *pending, size_t len);
+
+/* Closes |c| once every queued byte is written. */
+void fs_h2conn_close_after_flush(fs_h2conn *c);
+
+/* Queues plaintext for the peer.  With TLS, only valid from this
+ * connection's own nghttp2 send callbacks (during its flush). */
 void fs_h2conn_write(fs_h2conn *c, const void *data, size_t len);
 
 /* Nonzero when more output may be queued now. */

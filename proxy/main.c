@@ -11,7 +11,10 @@
 #include <unistd.h>
 #include <uv.h>
 
+#include "admin.h"
+#include "bufq.h"
 #include "config.h"
+#include "h2conn.h"
 #include "log.h"
 #include "proxy.h"
 #include "tls.h"
@@ -19,10 +22,14 @@
 static fs_config cfg;
 static uv_signal_t sig_term, sig_int;
 
-static void on_stopped(void) {
+static void on_admin_closed(void) {
   uv_close((uv_handle_t *)&sig_term, NULL);
   uv_close((uv_handle_t *)&sig_int, NULL);
+  fs_h2conn_global_close();
 }
+
+/* The admin port answers NOT_SERVING until the very end of the drain. */
+static void on_stopped(void) { fs_admin_stop(on_admin_closed); }
 
 static void on_signal(uv_signal_t *h, int signum) {
   fs_event ev;
@@ -87,8 +94,13 @@ int main(int argc, char **argv) {
   uv_signal_start(&sig_term, on_signal, SIGTERM);
   uv_signal_start(&sig_int, on_signal, SIGINT);
 
+  if (fs_h2conn_global_init(loop) < 0) return fatal("cannot start the event loop");
+  /* The admin port first: health is NOT_SERVING until the proxy is ready. */
+  if (fs_admin_start(loop, &cfg, err, sizeof(err)) < 0) return fatal(err);
+  fs_proxy_on_state_change(fs_admin_update);
   if (fs_proxy_start(loop, &cfg, down_ctx, up_ctx, on_stopped, err, sizeof(err)) < 0) return fatal(err);
   uv_run(loop, UV_RUN_DEFAULT);
+  fs_bufq_global_free();
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.stop")) {
     fs_ev_u64(&ev, "dropped_lines", fs_log_dropped());
     fs_ev_end(&ev);

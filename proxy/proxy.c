@@ -112,6 +112,14 @@ static void maybe_stopped(void);
 const fs_proxy_stats *fs_proxy_get_stats(void) { return &P.stats; }
 int fs_proxy_upstream_up(void) { return P.upstream_up; }
 int fs_proxy_draining(void) { return P.draining; }
+int fs_proxy_listening(void) { return P.listening; }
+const char *fs_proxy_upstream_error(void) { return P.up_error; }
+
+static void (*state_cb)(void);
+void fs_proxy_on_state_change(void (*cb)(void)) { state_cb = cb; }
+static void state_changed(void) {
+  if (state_cb) state_cb();
+}
 
 /* --- small helpers --------------------------------------------------------- */
 
@@ -679,6 +687,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
           fs_ev_u64(&ev, "connect_ms", fs_now_ms() - pc->h2.opened_ms);
           fs_ev_end(&ev);
         }
+        state_changed();
       }
       dispatch_queue();
     }
@@ -927,7 +936,7 @@ static void down_timer(fs_h2conn *h) {
   }
 }
 
-static const fs_h2conn_ops down_ops = {down_ready, down_tls_fail, down_closing, down_freed, down_timer};
+static const fs_h2conn_ops down_ops = {down_ready, down_tls_fail, down_closing, down_freed, down_timer, NULL};
 
 static void on_accept(uv_stream_t *server, int status) {
   pconn *d;
@@ -963,6 +972,7 @@ static void up_log_down(const char *reason) {
     fs_ev_str(&ev, "reason", reason);
     fs_ev_end(&ev);
   }
+  state_changed();
 }
 
 static int up_ready(fs_h2conn *h) {
@@ -1028,7 +1038,7 @@ static void up_timer(fs_h2conn *h) {
   if (!conn_of(h)->ready) fs_h2conn_close(h, why);
 }
 
-static const fs_h2conn_ops up_ops = {up_ready, NULL, up_closing, up_freed, up_timer};
+static const fs_h2conn_ops up_ops = {up_ready, NULL, up_closing, up_freed, up_timer, NULL};
 
 static void on_up_connected(uv_connect_t *req, int status) {
   pconn *u = req->data;
@@ -1168,8 +1178,8 @@ int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL
   nghttp2_option_new(&P.up_opt);
   nghttp2_option_set_no_auto_window_update(P.up_opt, 1);
 
-  if (fs_h2conn_global_init(loop) < 0) return snprintf(err, errlen, "cannot start the event loop"), -1;
   if (listen_on(cfg->listen, err, errlen) < 0) return -1;
+  state_changed();
   up_connect();
   return 0;
 }
@@ -1194,6 +1204,7 @@ void fs_proxy_drain(void) {
   if (P.draining) return;
   P.draining = 1;
   close_listener();
+  state_changed();
   uv_timer_stop(&P.reconnect_timer);
   for (d = P.downs; d; d = next) {
     next = d->next;
@@ -1222,12 +1233,10 @@ static void maybe_stopped(void) {
   fail_queue("shutting down");
   uv_close((uv_handle_t *)&P.reconnect_timer, NULL);
   uv_close((uv_handle_t *)&P.drain_timer, NULL);
-  fs_h2conn_global_close();
   nghttp2_session_callbacks_del(P.cbs);
   nghttp2_option_del(P.down_opt);
   nghttp2_option_del(P.up_opt);
   SSL_CTX_free(P.down_ctx);
   SSL_CTX_free(P.up_ctx);
-  fs_bufq_global_free();
   if (P.on_stopped) P.on_stopped();
 }

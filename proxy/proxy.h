@@ -24,7 +24,7 @@ typedef struct fs_proxy_stats {
   uint64_t upstream_connects, upstream_failures;
 } fs_proxy_stats;
 
-/* Starts listening on cfg->listen and connecting to cfg->upstream.
+/* Starts listening on cfg->listen (fs_h2conn_global_init() first) and connecting to cfg->upstream.
  * |down_ctx| (listener TLS) and |up_ctx| (upstream TLS) may be NULL for
  * h2c; the proxy takes ownership of both.  |on_stopped| runs once the
  * proxy has fully stopped after fs_proxy_drain().  Returns 0, or -1 with a
@@ -40,7 +40,12 @@ void fs_proxy_drain(void);
  * SETTINGS arrived). */
 int fs_proxy_upstream_up(void);
 int fs_proxy_draining(void);
+int fs_proxy_listening(void);
 const fs_proxy_stats *fs_proxy_get_stats(void);
+/* Why the upstream is not connected (last connect or connection error). */
+const char *fs_proxy_upstream_error(void);
+/* |cb| runs whenever listening, upstream_up or draining changes. */
+void fs_proxy_on_state_change(void (*cb)(void));
 
 /* Percent-encodes |msg| for grpc-message (gRPC spec: bytes outside
  * 0x20..0x7E and '%').  Returns the length written (always NUL-terminated,

@@ -1,0 +1,444 @@
+/*
+ * admin: the admin listener (--admin).  One port, two protocols, told apart
+ * by the first bytes: the HTTP/2 preface means h2c gRPC (grpc.health.v1
+ * Health/Check and /Watch), anything that looks like an HTTP/1.1 request
+ * line gets GET /healthz, GET /metrics or 404, and the connection closes
+ * after one response.  Everything else gets 400 and a close.
+ */
+#include "admin.h"
+
+#include <ctype.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bufq.h"
+#include "h2conn.h"
+#include "health.pb-c.h"
+#include "log.h"
+#include "proxy.h"
+
+#define PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#define PREFACE_LEN 24
+/* An HTTP/1.1 request head larger than this is refused. */
+#define HTTP1_MAX 8192
+/* A HealthCheckRequest larger than this is refused. */
+#define REQ_MAX 1024
+/* The first request must arrive within this time (half-open clients). */
+#define SNIFF_TIMEOUT_MS 10000
+
+enum { M_OTHER = 0, M_CHECK, M_WATCH };
+
+typedef struct aconn aconn;
+typedef struct astream astream;
+
+struct astream {
+  aconn *conn;
+  int32_t sid;
+  uint8_t method, end_after, deferred, overflow;
+  uint8_t req[REQ_MAX];
+  size_t req_len;
+  fs_bufq out; /* framed HealthCheckResponse messages not yet sent */
+  astream *prev, *next; /* the connection's streams */
+  astream *wprev, *wnext; /* watchers */
+  uint8_t watching, unknown_service;
+};
+
+struct aconn {
+  fs_h2conn h2;
+  char *head; /* HTTP/1.1 or preface bytes while sniffing */
+  size_t head_len;
+  astream *streams;
+  aconn *prev, *next;
+};
+
+static struct {
+  uv_loop_t *loop;
+  const fs_config *cfg;
+  uv_tcp_t listener;
+  int listening;
+  aconn *conns;
+  astream *watchers;
+  nghttp2_session_callbacks *cbs;
+  fs_health_status status;
+  const char *reason;
+  void (*on_closed)(void);
+} A;
+
+/* --- health verdict ------------------------------------------------------- */
+
+static fs_health_status current(const char **reason) {
+  fs_health_inputs in = {fs_proxy_listening(), fs_proxy_upstream_up(), fs_proxy_draining()};
+  return fs_health_eval(&in, reason);
+}
+
+fs_health_status fs_admin_status(const char **reason) {
+  return current(reason);
+}
+
+static void push_status(astream *s, fs_health_status st);
+
+void fs_admin_update(void) {
+  const char *reason;
+  fs_health_status st = current(&reason);
+  astream *w;
+  fs_event ev;
+  if (st == A.status) return;
+  if (fs_ev_begin(&ev, st == FS_HEALTH_SERVING ? FS_LOG_INFO : FS_LOG_WARN, "health.change")) {
+    char why[600];
+    snprintf(why, sizeof(why), "%s%s%s", reason, st == FS_HEALTH_SERVING || fs_proxy_draining() ? "" : ": ",
+             st == FS_HEALTH_SERVING || fs_proxy_draining() ? "" : fs_proxy_upstream_error());
+    fs_ev_str(&ev, "service", "flwr.proto.Fleet");
+    fs_ev_str(&ev, "from", fs_health_status_name(A.status));
+    fs_ev_str(&ev, "to", fs_health_status_name(st));
+    fs_ev_str(&ev, "reason", why);
+    fs_ev_end(&ev);
+  }
+  A.status = st;
+  A.reason = reason;
+  for (w = A.watchers; w; w = w->wnext)
+    if (!w->unknown_service) push_status(w, st);
+}
+
+/* --- gRPC health service --------------------------------------------------- */
+
+static void watch_del(astream *s) {
+  if (!s->watching) return;
+  if (s->wprev) s->wprev->wnext = s->wnext;
+  else A.watchers = s->wnext;
+  if (s->wnext) s->wnext->wprev = s->wprev;
+  s->watching = 0;
+}
+
+static void stream_free(astream *s) {
+  aconn *c = s->conn;
+  watch_del(s);
+  if (s->prev) s->prev->next = s->next;
+  else c->streams = s->next;
+  if (s->next) s->next->prev = s->prev;
+  fs_bufq_reset(&s->out);
+  free(s);
+}
+
+static void push_status(astream *s, fs_health_status st) {
+  Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
+  uint8_t buf[5 + 16];
+  size_t n;
+  resp.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)st;
+  n = grpc__health__v1__health_check_response__pack(&resp, buf + 5);
+  buf[0] = 0;
+  buf[1] = buf[2] = buf[3] = 0;
+  buf[4] = (uint8_t)n;
+  if (fs_bufq_append(&s->out, buf, 5 + n) < 0) return;
+  if (s->deferred && !s->conn->h2.closing) {
+    s->deferred = 0;
+    nghttp2_session_resume_data(s->conn->h2.session, s->sid);
+  }
+  fs_h2conn_mark(&s->conn->h2);
+}
+
+static ssize_t read_cb(nghttp2_session *ses, int32_t sid, uint8_t *buf, size_t length, uint32_t *flags,
+                       nghttp2_data_source *src, void *ud) {
+  astream *s = src->ptr;
+  size_t n = fs_bufq_copy(&s->out, buf, length);
+  (void)ud;
+  fs_bufq_drop(&s->out, n);
+  if (s->out.len == 0 && s->end_after) {
+    nghttp2_nv tr[] = {{(uint8_t *)"grpc-status", (uint8_t *)"0", 11, 1, NGHTTP2_NV_FLAG_NONE}};
+    *flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
+    nghttp2_submit_trailer(ses, sid, tr, 1);
+    return (ssize_t)n;
+  }
+  if (n == 0) {
+    s->deferred = 1;
+    return NGHTTP2_ERR_DEFERRED;
+  }
+  return (ssize_t)n;
+}
+
+static void respond_error(astream *s, const char *status, const char *msg) {
+  char enc[400];
+  nghttp2_nv nv[] = {
+    {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
+    {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
+    {(uint8_t *)"grpc-status", (uint8_t *)status, 11, strlen(status), NGHTTP2_NV_FLAG_NONE},
+    {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
+  };
+  nv[3].valuelen = fs_grpc_message_encode(enc, sizeof(enc), msg);
+  nghttp2_submit_response(s->conn->h2.session, s->sid, nv, 4, NULL);
+}
+
+static void on_request_complete(astream *s) {
+  nghttp2_nv nv[] = {
+    {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
+    {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
+  };
+  nghttp2_data_provider prd;
+  Grpc__Health__V1__HealthCheckRequest *req;
+  uint32_t len;
+  int known;
+  const char *reason;
+  if (s->method == M_OTHER) {
+    respond_error(s, "12", "flower-sidecar: the admin port serves grpc.health.v1.Health only");
+    return;
+  }
+  if (s->overflow || s->req_len < 5 || s->req[0] != 0 ||
+      (len = (uint32_t)s->req[1] << 24 | (uint32_t)s->req[2] << 16 | (uint32_t)s->req[3] << 8 | s->req[4]) !=
+          s->req_len - 5 ||
+      !(req = grpc__health__v1__health_check_request__unpack(NULL, len, s->req + 5))) {
+    respond_error(s, "13", "flower-sidecar: cannot decode the HealthCheckRequest");
+    return;
+  }
+  known = fs_health_known_service(req->service, strlen(req->service));
+  grpc__health__v1__health_check_request__free_unpacked(req, NULL);
+  if (s->method == M_CHECK && !known) {
+    respond_error(s, "5", "unknown service");
+    return;
+  }
+  prd.source.ptr = s;
+  prd.read_callback = read_cb;
+  nghttp2_submit_response(s->conn->h2.session, s->sid, nv, 2, &prd);
+  if (s->method == M_CHECK) {
+    s->end_after = 1;
+    push_status(s, current(&reason));
+  } else {
+    s->unknown_service = !known;
+    push_status(s, known ? current(&reason) : FS_HEALTH_SERVICE_UNKNOWN);
+    s->watching = 1;
+    s->wprev = NULL;
+    s->wnext = A.watchers;
+    if (A.watchers) A.watchers->wprev = s;
+    A.watchers = s;
+  }
+}
+
+static int on_begin_headers(nghttp2_session *ses, const nghttp2_frame *frame, void *ud) {
+  aconn *c = ud;
+  astream *s;
+  if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  if (!(s = calloc(1, sizeof(*s)))) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  s->conn = c;
+  s->sid = frame->hd.stream_id;
+  fs_bufq_init(&s->out, 4096);
+  s->next = c->streams;
+  if (c->streams) c->streams->prev = s;
+  c->streams = s;
+  nghttp2_session_set_stream_user_data(ses, s->sid, s);
+  return 0;
+}
+
+static int on_header(nghttp2_session *ses, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
+                     const uint8_t *value, size_t valuelen, uint8_t flags, void *ud) {
+  astream *s = nghttp2_session_get_stream_user_data(ses, frame->hd.stream_id);
+  (void)flags, (void)ud;
+  if (!s || namelen != 5 || memcmp(name, ":path", 5)) return 0;
+  if (valuelen == 28 && !memcmp(value, "/grpc.health.v1.Health/Check", 28)) s->method = M_CHECK;
+  else if (valuelen == 28 && !memcmp(value, "/grpc.health.v1.Health/Watch", 28)) s->method = M_WATCH;
+  return 0;
+}
+
+static int on_data_chunk(nghttp2_session *ses, uint8_t flags, int32_t sid, const uint8_t *data, size_t len, void *ud) {
+  astream *s = nghttp2_session_get_stream_user_data(ses, sid);
+  (void)flags, (void)ud;
+  if (!s) return 0;
+  if (s->req_len + len > REQ_MAX) s->overflow = 1;
+  else memcpy(s->req + s->req_len, data, len), s->req_len += len;
+  return 0;
+}
+
+static int on_frame_recv(nghttp2_session *ses, const nghttp2_frame *frame, void *ud) {
+  astream *s;
+  (void)ud;
+  if ((frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) ||
+      !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
+    return 0;
+  if ((s = nghttp2_session_get_stream_user_data(ses, frame->hd.stream_id))) on_request_complete(s);
+  return 0;
+}
+
+static int on_stream_close(nghttp2_session *ses, int32_t sid, uint32_t code, void *ud) {
+  astream *s = nghttp2_session_get_stream_user_data(ses, sid);
+  (void)code, (void)ud;
+  if (s) stream_free(s);
+  return 0;
+}
+
+/* --- connections ------------------------------------------------------------ */
+
+static int a_ready(fs_h2conn *h) {
+  nghttp2_settings_entry iv[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 1000},
+                                 {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 16384}};
+  fs_h2conn_set_timer(h, 0);
+  if (nghttp2_session_server_new(&h->session, A.cbs, h) != 0 ||
+      nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 2) != 0) {
+    snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");
+    return -1;
+  }
+  return 0;
+}
+
+static void a_closing(fs_h2conn *h, const char *reason) {
+  aconn *c = (aconn *)h;
+  (void)reason;
+  while (c->streams) stream_free(c->streams);
+}
+
+static void a_freed(fs_h2conn *h) {
+  aconn *c = (aconn *)h;
+  if (c->prev) c->prev->next = c->next;
+  else A.conns = c->next;
+  if (c->next) c->next->prev = c->prev;
+  free(c->head);
+  free(c);
+  if (!A.listening && !A.conns && A.on_closed) {
+    void (*cb)(void) = A.on_closed;
+    A.on_closed = NULL;
+    nghttp2_session_callbacks_del(A.cbs);
+    cb();
+  }
+}
+
+static void a_timer(fs_h2conn *h) { fs_h2conn_close(h, "admin request timeout"); }
+
+static void http_reply(aconn *c, int code, const char *status, const char *ctype, const char *body, int head_only) {
+  char hdr[512];
+  int n = snprintf(hdr, sizeof(hdr),
+                   "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nCache-Control: no-store\r\n"
+                   "Connection: close\r\n\r\n",
+                   code, status, ctype, strlen(body));
+  fs_h2conn_write(&c->h2, hdr, (size_t)n);
+  if (!head_only) fs_h2conn_write(&c->h2, body, strlen(body));
+  fs_h2conn_close_after_flush(&c->h2);
+}
+
+/* One HTTP/1.1 request head is complete in c->head. */
+static void http_request(aconn *c) {
+  char method[16], target[256], version[16], body[700];
+  const char *reason;
+  int head_only;
+  if (sscanf(c->head, "%15[A-Z] %255[^ \r\n] %15[^\r\n]", method, target, version) != 3 ||
+      strncmp(version, "HTTP/1.", 7) != 0) {
+    http_reply(c, 400, "Bad Request", "text/plain", "bad request\n", 0);
+    return;
+  }
+  head_only = !strcmp(method, "HEAD");
+  if (strcmp(method, "GET") && !head_only) {
+    http_reply(c, 405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", 0);
+    return;
+  }
+  if (!strcmp(target, "/healthz")) {
+    fs_health_status st = current(&reason);
+    if (st == FS_HEALTH_SERVING) {
+      http_reply(c, 200, "OK", "text/plain", "SERVING\n", head_only);
+    } else {
+      if (fs_proxy_draining()) snprintf(body, sizeof(body), "NOT_SERVING: %s\n", reason);
+      else snprintf(body, sizeof(body), "NOT_SERVING: %s (%s)\n", reason, fs_proxy_upstream_error());
+      http_reply(c, 503, "Service Unavailable", "text/plain", body, head_only);
+    }
+  } else if (!strcmp(target, "/metrics")) {
+    http_reply(c, 404, "Not Found", "text/plain", "metrics are not served yet\n", head_only);
+  } else {
+    http_reply(c, 404, "Not Found", "text/plain", "not found: try /healthz\n", head_only);
+  }
+}
+
+static void a_raw(fs_h2conn *h, const uint8_t *data, size_t len) {
+  aconn *c = (aconn *)h;
+  size_t cmp;
+  if (h->close_after_flush) return; /* answered: ignore the rest */
+  if (!c->head && !(c->head = malloc(HTTP1_MAX + 1))) {
+    fs_h2conn_close(h, "out of memory");
+    return;
+  }
+  if (c->head_len + len > HTTP1_MAX) {
+    http_reply(c, 431, "Request Header Fields Too Large", "text/plain", "request too large\n", 0);
+    return;
+  }
+  memcpy(c->head + c->head_len, data, len);
+  c->head_len += len;
+  c->head[c->head_len] = '\0';
+  cmp = c->head_len < PREFACE_LEN ? c->head_len : PREFACE_LEN;
+  if (memcmp(c->head, PREFACE, cmp) == 0) {
+    if (c->head_len >= PREFACE_LEN) {
+      char *pending = c->head;
+      size_t n = c->head_len;
+      c->head = NULL;
+      c->head_len = 0;
+      fs_h2conn_begin_h2(h, (const uint8_t *)pending, n);
+      free(pending);
+    }
+    return;
+  }
+  if (!isupper((unsigned char)c->head[0]) || memchr(c->head, '\0', c->head_len)) {
+    http_reply(c, 400, "Bad Request", "text/plain", "bad request\n", 0);
+    return;
+  }
+  if (strstr(c->head, "\r\n\r\n") || strstr(c->head, "\n\n")) http_request(c);
+}
+
+static const fs_h2conn_ops admin_ops = {a_ready, NULL, a_closing, a_freed, a_timer, a_raw};
+
+static void on_accept(uv_stream_t *server, int status) {
+  aconn *c;
+  if (status < 0 || !(c = calloc(1, sizeof(*c)))) return;
+  if (fs_h2conn_init(&c->h2, A.loop, &admin_ops) < 0) {
+    free(c);
+    return;
+  }
+  c->next = A.conns;
+  if (A.conns) A.conns->prev = c;
+  A.conns = c;
+  if (uv_accept(server, (uv_stream_t *)&c->h2.tcp) < 0) {
+    fs_h2conn_close(&c->h2, "accept failed");
+    return;
+  }
+  snprintf(c->h2.peer, sizeof(c->h2.peer), "admin");
+  fs_h2conn_set_timer(&c->h2, SNIFF_TIMEOUT_MS);
+  fs_h2conn_start(&c->h2, NULL, 1, NULL, NULL);
+}
+
+int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errlen) {
+  char host[256];
+  int port, rv;
+  struct sockaddr_storage ss;
+  memset(&A, 0, sizeof(A));
+  A.loop = loop;
+  A.cfg = cfg;
+  A.status = FS_HEALTH_UNKNOWN;
+  nghttp2_session_callbacks_new(&A.cbs);
+  fs_h2conn_set_callbacks(A.cbs);
+  nghttp2_session_callbacks_set_on_begin_headers_callback(A.cbs, on_begin_headers);
+  nghttp2_session_callbacks_set_on_header_callback(A.cbs, on_header);
+  nghttp2_session_callbacks_set_on_data_chunk_recv_callback(A.cbs, on_data_chunk);
+  nghttp2_session_callbacks_set_on_frame_recv_callback(A.cbs, on_frame_recv);
+  nghttp2_session_callbacks_set_on_stream_close_callback(A.cbs, on_stream_close);
+  fs_hostport_split(cfg->admin, host, sizeof(host), &port);
+  if (!host[0]) strcpy(host, "127.0.0.1");
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 && uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0)
+    return snprintf(err, errlen, "invalid --admin: '%s' (not a numeric IP address)", cfg->admin), -1;
+  uv_tcp_init(loop, &A.listener);
+  A.listening = 1;
+  if ((rv = uv_tcp_bind(&A.listener, (struct sockaddr *)&ss, 0)) < 0 ||
+      (rv = uv_listen((uv_stream_t *)&A.listener, 128, on_accept)) < 0)
+    return snprintf(err, errlen, "cannot listen on --admin %s: %s", cfg->admin, uv_strerror(rv)), -1;
+  fs_admin_update();
+  return 0;
+}
+
+void fs_admin_stop(void (*on_closed)(void)) {
+  aconn *c, *next;
+  A.on_closed = on_closed;
+  if (A.listening) {
+    A.listening = 0;
+    uv_close((uv_handle_t *)&A.listener, NULL);
+  }
+  for (c = A.conns; c; c = next) {
+    next = c->next;
+    fs_h2conn_close(&c->h2, "shutting down");
+  }
+  if (!A.conns && A.on_closed) {
+    A.on_closed = NULL;
+    nghttp2_session_callbacks_del(A.cbs);
+    on_closed();
+  }
+}

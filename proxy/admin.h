@@ -1,0 +1,28 @@
+/*
+ * admin: the admin listener (--admin, default 127.0.0.1:9099): gRPC
+ * grpc.health.v1.Health (Check, Watch) over h2c and HTTP/1.1 GET /healthz on
+ * the same port.  The verdict is health.h's, from the proxy's state.
+ */
+#ifndef FS_ADMIN_H
+#define FS_ADMIN_H
+
+#include <uv.h>
+
+#include "config.h"
+#include "health.h"
+
+/* Listens on cfg->admin.  Returns 0, or -1 with a one-line reason. */
+int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errlen);
+
+/* Re-evaluates health; on a change logs health.change and notifies every
+ * Watch stream at once.  Call whenever the proxy's state changes. */
+void fs_admin_update(void);
+
+/* The current verdict and its reason. */
+fs_health_status fs_admin_status(const char **reason);
+
+/* Closes the listener and every admin connection; |on_closed| runs when
+ * all are freed. */
+void fs_admin_stop(void (*on_closed)(void));
+
+#endif
