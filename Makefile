@@ -10,7 +10,7 @@ PYGEN    := $(BUILD)/py
 # Debian packages the build, tests and demo need.
 DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
             libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
-            libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest \
+            libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-cryptography \
             nghttp2-client openssl iproute2 nftables clang libclang-rt-14-dev valgrind
 
 PKGS     := libuv openssl libnghttp2 libprotobuf-c
