@@ -86,8 +86,8 @@ void fs_admin_update(void) {
   if (st == A.status) return;
   if (fs_ev_begin(&ev, st == FS_HEALTH_SERVING ? FS_LOG_INFO : FS_LOG_WARN, "health.change")) {
     char why[600];
-    snprintf(why, sizeof(why), "%s%s%s", reason, st == FS_HEALTH_SERVING || fs_proxy_draining() ? "" : ": ",
-             st == FS_HEALTH_SERVING || fs_proxy_draining() ? "" : fs_proxy_upstream_error());
+    int upstream_reason = st != FS_HEALTH_SERVING && fs_proxy_listening() && !fs_proxy_draining();
+    snprintf(why, sizeof(why), "%s%s%s", reason, upstream_reason ? ": " : "", upstream_reason ? fs_proxy_upstream_error() : "");
     fs_ev_str(&ev, "service", "flwr.proto.Fleet");
     fs_ev_str(&ev, "from", fs_health_status_name(A.status));
     fs_ev_str(&ev, "to", fs_health_status_name(st));
