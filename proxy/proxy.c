@@ -25,6 +25,7 @@
 #include "grpcmsg.h"
 #include "h2conn.h"
 #include "log.h"
+#include "observe.h"
 
 enum { DOWN = 0, UP = 1 };
 
@@ -65,6 +66,7 @@ struct call {
   flow fl[2];
   hdrs head[2];        /* request headers until sent upstream; response headers */
   nghttp2_rcbuf *path; /* kept for events */
+  fs_obs *obs;         /* Fleet observation, NULL for other methods */
   uint64_t t_start;
   call *qprev, *qnext; /* waiting for an upstream connection */
   uint8_t queued, resp_started, overflow, finished, synth;
@@ -269,8 +271,16 @@ static call *call_new(void) {
   return c;
 }
 
+/* The call's final status is known (|status| -1: reset): observation ends. */
+static void finish_obs(call *c, int status) {
+  if (!c->obs) return;
+  fs_obs_finish(c->obs, status);
+  c->obs = NULL;
+}
+
 static void call_free(call *c) {
   int i;
+  finish_obs(c, -1);
   queue_del(c);
   for (i = 0; i < 2; i++) {
     fs_bufq_reset(&c->fl[i].data);
@@ -366,11 +376,12 @@ static void observe_status(call *c, const hdrs *h) {
   c->finished = 1;
   if (!st.len) {
     nghttp2_vec http = hdrs_get(h, ":status");
-    if (http.len && (http.len != 3 || memcmp(http.base, "200", 3))) status = GRPC_UNAVAILABLE;
-    else return;
+    /* No grpc-status: a non-200 answer is an error, a bare 200 is not ours to judge. */
+    status = http.len && (http.len != 3 || memcmp(http.base, "200", 3)) ? GRPC_UNAVAILABLE : -1;
   }
   for (i = 0; i < st.len; i++) status = status * 10 + (st.base[i] >= '0' && st.base[i] <= '9' ? st.base[i] - '0' : 0);
-  if (status == 0) return;
+  finish_obs(c, status);
+  if (status <= 0) return;
   msg = hdrs_get(h, "grpc-message");
   log_rpc_error(c, status, (const char *)msg.base, msg.len);
 }
@@ -392,6 +403,7 @@ static void fail_call(call *c, int status, const char *fmt, ...) {
   flow_discard(c, DOWN);
   if (!d || c->finished) return; /* the caller frees a call with no legs */
   c->finished = 1;
+  finish_obs(c, status);
   log_rpc_error(c, status, c->synth_msg, strlen(c->synth_msg));
   if (!c->resp_started) {
     /* Trailers-Only: nothing was sent to the client yet. */
@@ -640,6 +652,10 @@ static void on_request_headers(call *c, const nghttp2_frame *frame) {
     return;
   }
   if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) c->fl[DOWN].eof = 1;
+  if (c->path) {
+    nghttp2_vec p = nghttp2_rcbuf_get_buf(c->path);
+    c->obs = fs_obs_start(p.base, p.len, c->leg[DOWN].conn->h2.peer);
+  }
   route_call(c);
 }
 
@@ -758,6 +774,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
     consume(c, side, len);
     return 0;
   }
+  fs_obs_data(c->obs, side, data, len);
   if (fs_bufq_append(&f->data, data, len) < 0) {
     /* Only a peer ignoring flow control, or no memory, gets here. */
     fail_call(c, GRPC_INTERNAL, "flower-sidecar: stream buffer limit exceeded");
