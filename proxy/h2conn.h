@@ -67,7 +67,7 @@ struct fs_h2conn {
   uint64_t bytes_in, bytes_out; /* socket bytes */
   uint64_t opened_ms;
   uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
-  char peer[280];
+  char peer[300];
   char close_reason[160];
 };
 

@@ -76,8 +76,7 @@ int main(int argc, char **argv) {
   if (cfg.role == FS_ROLE_LINK && cfg.tls) down_ctx = fs_tls_server_ctx(&cfg, err, sizeof(err));
   if (cfg.role == FS_ROLE_NODE && cfg.tls) up_ctx = fs_tls_client_ctx(&cfg, err, sizeof(err));
   if (cfg.tls && !down_ctx && !up_ctx) {
-    /* Bad certificate settings are configuration errors. */
-    fprintf(stderr, "flower-sidecar: %s\n", err);
+    /* Bad certificate settings are configuration errors: exit 2. */
     fatal(err);
     return 2;
   }

@@ -210,8 +210,8 @@ static int collect_sans(const fs_config *cfg, char *san, size_t sanlen, char nam
   san[0] = '\0';
 #define ADD_NAME(s)                                                                        \
   do {                                                                                     \
-    int dup_ = 0;                                                                          \
-    for (k = 0; k < n; k++) dup_ |= !strcmp(names[k], (s));                                \
+    int dup_ = 0, j_;                                                                      \
+    for (j_ = 0; j_ < n; j_++) dup_ |= !strcmp(names[j_], (s));                            \
     if (!dup_ && n < maxnames && strlen(s) < 256) {                                        \
       strcpy(names[n++], (s));                                                             \
       used += (size_t)snprintf(san + used, used < sanlen ? sanlen - used : 0, "%s%s:%s",   \

@@ -11,14 +11,22 @@ Methods (all payloads are raw bytes, no protobuf):
   Sink          answers b"<bytes>,<sha256>" of the request.
   Sleep         sleeps the seconds given in the request, honouring cancellation;
                 records cancellations in the counters.
+  Random        request is b"<bytes>,<seed>": answers random_payload(bytes, seed),
+                which clients can rebuild to compare (unlike Sized, every MiB
+                differs, so lost, repeated or reordered chunks show).
+  Abort         server stream; request is b"<count>,<code>": sends count
+                messages b"msg-<i>", then aborts with status code <code> and
+                message "aborted after <count> messages".
 Counters (GET via method Stats) are kept per method, for asserting that calls
 reached (or did not reach) the upstream.
 
 Run: /usr/bin/python3 echo_server.py --listen 127.0.0.1:PORT [--tls-cert C --tls-key K]
+     [--max-concurrent-streams N]
 """
 import argparse
 import hashlib
 import json
+import random
 import sys
 import threading
 import time
@@ -100,6 +108,38 @@ def sleep(req, ctx):
     return b"slept"
 
 
+def random_payload(n, seed):
+    """n pseudo-random bytes: one seeded random MiB, rotated by a different
+    amount for every MiB (cheap to build for 1 GiB, and no two MiB alike)."""
+    base = random.Random(seed).randbytes(1 << 20)
+    mv = memoryview(base)
+    out = bytearray(n)
+    pos = i = 0
+    while pos < n:
+        k = (i * 4099) % len(base)
+        for part in (mv[k:], mv[:k]):
+            take = min(len(part), n - pos)
+            out[pos:pos + take] = part[:take]
+            pos += take
+        i += 1
+    return bytes(out)
+
+
+def random_(req, ctx):
+    count("Random")
+    n, seed = (int(x) for x in req.decode().split(","))
+    return random_payload(n, seed)
+
+
+def abort_(req, ctx):
+    count("Abort")
+    n, code = (int(x) for x in req.decode().split(","))
+    for i in range(n):
+        yield b"msg-%d" % i
+    status = next(s for s in grpc.StatusCode if s.value[0] == code)
+    ctx.abort(status, "aborted after %d messages" % n)
+
+
 def stats(req, ctx):
     with LOCK:
         return json.dumps({"counts": COUNTS, "cancelled": CANCELLED}).encode()
@@ -112,6 +152,7 @@ def handlers():
         "Unary": u(unary), "Fail": u(fail), "ServerStream": ss(server_stream),
         "ClientStream": cs(client_stream), "Bidi": bd(bidi), "Sized": u(sized),
         "Sink": u(sink), "Sleep": u(sleep), "Stats": u(stats),
+        "Random": u(random_), "Abort": ss(abort_),
     })
 
 
@@ -121,9 +162,13 @@ def main():
     ap.add_argument("--tls-cert")
     ap.add_argument("--tls-key")
     ap.add_argument("--workers", type=int, default=64)
+    ap.add_argument("--max-concurrent-streams", type=int, default=0,
+                    help="HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS per connection (0: grpcio's default)")
     a = ap.parse_args()
     opts = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1),
             ("grpc.so_reuseport", 0)]
+    if a.max_concurrent_streams:
+        opts.append(("grpc.max_concurrent_streams", a.max_concurrent_streams))
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=a.workers), options=opts,
                          maximum_concurrent_rpcs=None)
     server.add_generic_rpc_handlers((handlers(),))

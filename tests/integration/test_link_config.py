@@ -1,0 +1,110 @@
+"""flower-sidecar link: configuration errors.  A bad flag or variable is exit
+code 2 with one line on stderr naming the flag or variable and the value
+(conventions.md); --help exits 0 and documents every flag the parser knows.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+
+import pytest
+
+import procs
+from conftest import HOST, ROOT, SIDECAR, SLOW
+
+
+def run_sidecar(args, env=None, timeout=10):
+    """Runs the binary to completion.  Every case also gets safe loopback
+    addresses and a temporary --tls-dir (unless it tests those), so a
+    wrongly accepted configuration starts a harmless sidecar that the
+    timeout ends, instead of grabbing port 9092 or writing to /var/lib."""
+    e = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
+    e.update(env or {})
+    try:
+        r = subprocess.run([SIDECAR, *args], capture_output=True, text=True, env=e, timeout=timeout * SLOW)
+    except subprocess.TimeoutExpired:  # subprocess.run has killed it (by PID)
+        raise AssertionError(f"{args} {env}: still running after {timeout} s: the configuration was accepted")
+    return r
+
+
+def safe(tmp_path, *skip):
+    a = []
+    if "--listen" not in skip:
+        a += ["--listen", f"{HOST}:{procs.free_port()}"]
+    if "--admin" not in skip:
+        a += ["--admin", f"{HOST}:{procs.free_port()}"]
+    if "--upstream" not in skip:
+        a += ["--upstream", f"{HOST}:{procs.free_port()}"]
+    return a + ["--tls-dir", str(tmp_path / "tls")]
+
+
+# (id, args after the role (None: no role at all), env, strings the one line must contain)
+BAD = [
+    ("unknown-flag", ["--frobnicate"], {}, ["--frobnicate"]),
+    ("unknown-flag-with-value", ["--frobnicate=3"], {}, ["--frobnicate"]),
+    ("listen-nonsense", ["--listen", "nonsense"], {}, ["--listen", "nonsense"]),
+    ("listen-bad-port", ["--listen", "127.0.0.1:99999"], {}, ["--listen", "127.0.0.1:99999"]),
+    ("max-message-size-negative", ["--max-message-size", "-1"], {}, ["--max-message-size", "-1"]),
+    ("max-message-size-junk", ["--max-message-size", "12Q"], {}, ["--max-message-size", "12Q"]),
+    ("drain-timeout-junk", ["--drain-timeout", "soon"], {}, ["--drain-timeout", "soon"]),
+    ("log-level-variable", [], {"FL_LOG_LEVEL": "LOUD"}, ["FL_LOG_LEVEL", "LOUD"]),
+    ("tls-enabled-variable", [], {"FL_TLS_ENABLED": "maybe"}, ["FL_TLS_ENABLED", "maybe"]),
+    ("superlink-address-variable", [], {"FL_SUPERLINK_ADDRESS": "no-port"}, ["FL_SUPERLINK_ADDRESS", "no-port"]),
+    ("tls-cert-without-key", ["--tls-cert", "/etc/hostname"], {}, ["--tls-cert", "/etc/hostname", "key"]),
+    ("tls-key-without-cert", ["--tls-key", "/etc/hostname"], {}, ["--tls-key", "/etc/hostname", "certificate"]),
+    ("tls-cert-unreadable", ["--tls-cert", "/nonexistent", "--tls-key", "/nonexistent-key"], {},
+     ["--tls-cert", "/nonexistent"]),
+    ("tls-keyfile-variable-garbage", ["--tls-cert", "/etc/hostname"], {"FL_SSL_KEYFILE": "bm90IGEgcGVt"},
+     ["FL_SSL_KEYFILE", "bm90IGEgcGVt"]),
+    ("bad-role", None, {}, ["role"]),
+    ("missing-role", [], {}, ["role"]),
+]
+
+
+@pytest.mark.parametrize("case", BAD, ids=[c[0] for c in BAD])
+def test_bad_configuration_is_exit_2_with_one_line(case, tmp_path):
+    name, args, env, needles = case
+    if name == "missing-role":
+        argv = []
+    elif name == "bad-role":
+        argv = ["linky", *safe(tmp_path)]
+    else:
+        flags = [a for a in args if a.startswith("--")]
+        argv = ["link", *safe(tmp_path, *flags), *args]
+    r = run_sidecar(argv, env)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, f"exit {r.returncode}, stderr {r.stderr!r}"
+    assert len(lines) == 1, f"expected one line on stderr, got {lines}"
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    if name == "bad-role":
+        assert "linky" in lines[0]
+
+
+def test_bad_flag_is_not_saved_by_a_good_variable(tmp_path):
+    # The flag wins over the variable, so a bad flag is the error even when
+    # the variable alone would be fine.
+    r = run_sidecar(["link", *safe(tmp_path), "--log-level", "LOUD"], {"FL_LOG_LEVEL": "DEBUG"})
+    assert r.returncode == 2 and "--log-level" in r.stderr, r.stderr
+
+
+def _known_flags() -> list[str]:
+    """Every long option the parser accepts, read from proxy/config.c."""
+    src = (ROOT / "proxy" / "config.c").read_text()
+    table = src[src.index("long_opts[]"):]
+    table = table[:table.index("{0, 0, 0, 0}")]
+    flags = re.findall(r'\{"([a-z0-9-]+)",', table)
+    assert len(flags) > 20, flags
+    return ["--" + f for f in flags]
+
+
+def test_help_lists_every_flag():
+    r = run_sidecar(["--help"])
+    assert r.returncode == 0, r.stderr
+    missing = [f for f in _known_flags() if not re.search(re.escape(f) + r"\b", r.stdout)]
+    assert not missing, f"--help does not mention {missing}"
+    # Also after the role, as users type it.
+    r2 = run_sidecar(["link", "--help"])
+    assert r2.returncode == 0 and r2.stdout == r.stdout
