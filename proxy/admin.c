@@ -16,6 +16,8 @@
 #include "h2conn.h"
 #include "health.pb-c.h"
 #include "log.h"
+#include "metrics.h"
+#include "observe.h"
 #include "proxy.h"
 
 #define PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -335,8 +337,22 @@ static void http_request(aconn *c) {
       else snprintf(body, sizeof(body), "NOT_SERVING: %s (%s)\n", reason, fs_proxy_upstream_error());
       http_reply(c, 503, "Service Unavailable", "text/plain", body, head_only);
     }
+  } else if (!strcmp(target, "/metrics") && A.cfg->metrics) {
+    const fs_proxy_stats *ps = fs_proxy_get_stats();
+    fs_metrics_sample smp = {ps->conns_current, ps->conns_total, ps->tls_failures, fs_proxy_upstream_up(),
+                             ps->upstream_connects, current(&reason) == FS_HEALTH_SERVING, fs_log_dropped(),
+                             fs_obs_nodes_active()};
+    size_t cap = 256 * 1024, n;
+    char *text = malloc(cap);
+    if (!text || !(n = fs_metrics_render(text, cap, &smp))) {
+      free(text);
+      http_reply(c, 500, "Internal Server Error", "text/plain", "metrics too large\n", head_only);
+      return;
+    }
+    http_reply(c, 200, "OK", "text/plain; version=0.0.4; charset=utf-8", text, head_only);
+    free(text);
   } else if (!strcmp(target, "/metrics")) {
-    http_reply(c, 404, "Not Found", "text/plain", "metrics are not served yet\n", head_only);
+    http_reply(c, 404, "Not Found", "text/plain", "metrics are disabled (--no-metrics)\n", head_only);
   } else {
     http_reply(c, 404, "Not Found", "text/plain", "not found: try /healthz\n", head_only);
   }

@@ -25,7 +25,10 @@ struct fs_obs {
   obs_dir d[2];
 };
 
+static uint64_t nodes_active;
+
 fs_fleet_method fs_obs_method(const fs_obs *o) { return o ? o->method : FS_FLEET_NONE; }
+uint64_t fs_obs_nodes_active(void) { return nodes_active; }
 
 /* --- following the first message each way -------------------------------- */
 
@@ -269,12 +272,12 @@ static void emit(const fs_obs *o) {
     break;
   case FS_FLEET_ACTIVATE_NODE:
     rq = unpack(o, 0, &flwr__proto__activate_node_request__descriptor);
-    if ((rs = unpack(o, 1, &flwr__proto__activate_node_response__descriptor)))
+    if ((rs = unpack(o, 1, &flwr__proto__activate_node_response__descriptor)) && ++nodes_active)
       node_event(o, "node.activate", ((Flwr__Proto__ActivateNodeResponse *)rs)->node_id,
                  rq ? ((Flwr__Proto__ActivateNodeRequest *)rq)->heartbeat_interval : 0, FS_LOG_INFO);
     break;
   case FS_FLEET_DEACTIVATE_NODE:
-    if ((rq = unpack(o, 0, &flwr__proto__deactivate_node_request__descriptor)))
+    if ((rq = unpack(o, 0, &flwr__proto__deactivate_node_request__descriptor)) && (nodes_active ? nodes_active-- : 1))
       node_event(o, "node.deactivate", ((Flwr__Proto__DeactivateNodeRequest *)rq)->node_id, 0, FS_LOG_INFO);
     break;
   case FS_FLEET_UNREGISTER_NODE:

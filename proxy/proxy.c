@@ -25,6 +25,7 @@
 #include "grpcmsg.h"
 #include "h2conn.h"
 #include "log.h"
+#include "metrics.h"
 #include "observe.h"
 
 enum { DOWN = 0, UP = 1 };
@@ -67,6 +68,9 @@ struct call {
   hdrs head[2];        /* request headers until sent upstream; response headers */
   nghttp2_rcbuf *path; /* kept for events */
   fs_obs *obs;         /* Fleet observation, NULL for other methods */
+  uint64_t bytes[2];   /* gRPC payload bytes received on each leg */
+  uint8_t method;      /* fs_fleet_method */
+  uint8_t ended;       /* call_end() ran */
   uint64_t t_start;
   call *qprev, *qnext; /* waiting for an upstream connection */
   uint8_t queued, resp_started, overflow, finished, synth;
@@ -95,6 +99,7 @@ static struct {
   call *qhead, *qtail;
   char up_host[256];
   int up_port;
+  char up_name[300]; /* "host:port" or "[v6]:port", for events and messages */
   struct sockaddr_storage up_addr;
   int up_addr_ok;
   uv_getaddrinfo_t gai;
@@ -271,16 +276,19 @@ static call *call_new(void) {
   return c;
 }
 
-/* The call's final status is known (|status| -1: reset): observation ends. */
-static void finish_obs(call *c, int status) {
-  if (!c->obs) return;
-  fs_obs_finish(c->obs, status);
+/* The call's final gRPC status is known: count it and end observation.
+ * Runs once per call. */
+static void call_end(call *c, int status) {
+  if (c->ended) return;
+  c->ended = 1;
+  fs_metrics_call((fs_fleet_method)c->method, status, fs_now_ms() - c->t_start, c->bytes[DOWN], c->bytes[UP]);
+  if (c->obs) fs_obs_finish(c->obs, status);
   c->obs = NULL;
 }
 
 static void call_free(call *c) {
   int i;
-  finish_obs(c, -1);
+  call_end(c, GRPC_CANCELLED); /* ended by a lost connection */
   queue_del(c);
   for (i = 0; i < 2; i++) {
     fs_bufq_reset(&c->fl[i].data);
@@ -377,11 +385,11 @@ static void observe_status(call *c, const hdrs *h) {
   if (!st.len) {
     nghttp2_vec http = hdrs_get(h, ":status");
     /* No grpc-status: a non-200 answer is an error, a bare 200 is not ours to judge. */
-    status = http.len && (http.len != 3 || memcmp(http.base, "200", 3)) ? GRPC_UNAVAILABLE : -1;
+    status = http.len && (http.len != 3 || memcmp(http.base, "200", 3)) ? GRPC_UNAVAILABLE : 2 /* UNKNOWN */;
   }
   for (i = 0; i < st.len; i++) status = status * 10 + (st.base[i] >= '0' && st.base[i] <= '9' ? st.base[i] - '0' : 0);
-  finish_obs(c, status);
-  if (status <= 0) return;
+  call_end(c, status);
+  if (status == 0) return;
   msg = hdrs_get(h, "grpc-message");
   log_rpc_error(c, status, (const char *)msg.base, msg.len);
 }
@@ -403,7 +411,7 @@ static void fail_call(call *c, int status, const char *fmt, ...) {
   flow_discard(c, DOWN);
   if (!d || c->finished) return; /* the caller frees a call with no legs */
   c->finished = 1;
-  finish_obs(c, status);
+  call_end(c, status);
   log_rpc_error(c, status, c->synth_msg, strlen(c->synth_msg));
   if (!c->resp_started) {
     /* Trailers-Only: nothing was sent to the client yet. */
@@ -535,7 +543,7 @@ static void submit_upstream(call *c, pconn *u) {
   sid = nghttp2_submit_request(u->h2.session, NULL, nv, n, no_body ? NULL : &prd, c);
   hdrs_clear(&c->head[DOWN]);
   if (sid < 0) {
-    fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s:%d cannot take the call (%s)", P.up_host, P.up_port,
+    fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s cannot take the call (%s)", P.up_name,
               nghttp2_strerror(sid));
     return;
   }
@@ -601,7 +609,7 @@ static void fail_queue(const char *why) {
   while (P.qhead) {
     call *c = P.qhead;
     queue_del(c);
-    fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s:%d unreachable (%s)", P.up_host, P.up_port, why);
+    fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s unreachable (%s)", P.up_name, why);
   }
 }
 
@@ -654,7 +662,8 @@ static void on_request_headers(call *c, const nghttp2_frame *frame) {
   if (frame->hd.flags & NGHTTP2_FLAG_END_STREAM) c->fl[DOWN].eof = 1;
   if (c->path) {
     nghttp2_vec p = nghttp2_rcbuf_get_buf(c->path);
-    c->obs = fs_obs_start(p.base, p.len, c->leg[DOWN].conn->h2.peer);
+    c->method = (uint8_t)fs_fleet_method_of(p.base, p.len);
+    if (c->method != FS_FLEET_NONE) c->obs = fs_obs_start(p.base, p.len, c->leg[DOWN].conn->h2.peer);
   }
   route_call(c);
 }
@@ -697,9 +706,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
       if (!P.upstream_up) {
         P.upstream_up = 1;
         if (fs_ev_begin(&ev, FS_LOG_INFO, "upstream.up")) {
-          char up[300];
-          snprintf(up, sizeof(up), "%s:%d", P.up_host, P.up_port);
-          fs_ev_str(&ev, "upstream", up);
+                    fs_ev_str(&ev, "upstream", P.up_name);
           fs_ev_u64(&ev, "connect_ms", fs_now_ms() - pc->h2.opened_ms);
           fs_ev_end(&ev);
         }
@@ -774,6 +781,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
     consume(c, side, len);
     return 0;
   }
+  c->bytes[side] += len;
   fs_obs_data(c->obs, side, data, len);
   if (fs_bufq_append(&f->data, data, len) < 0) {
     /* Only a peer ignoring flow control, or no memory, gets here. */
@@ -794,6 +802,7 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
     char msg[96];
     snprintf(msg, sizeof(msg), "client reset the stream (%s)", nghttp2_http2_strerror(code));
     c->finished = 1;
+    call_end(c, GRPC_CANCELLED);
     log_rpc_error(c, GRPC_CANCELLED, msg, strlen(msg));
   }
   detach(c, side);
@@ -804,6 +813,7 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
         char msg[96];
         snprintf(msg, sizeof(msg), "upstream reset the stream (%s)", nghttp2_http2_strerror(code));
         c->finished = 1;
+        call_end(c, code == NGHTTP2_REFUSED_STREAM ? GRPC_UNAVAILABLE : GRPC_CANCELLED);
         log_rpc_error(c, code == NGHTTP2_REFUSED_STREAM ? GRPC_UNAVAILABLE : GRPC_CANCELLED, msg, strlen(msg));
       }
       rst_leg(c, DOWN, code ? code : NGHTTP2_INTERNAL_ERROR);
@@ -981,11 +991,9 @@ static void on_accept(uv_stream_t *server, int status) {
 
 static void up_log_down(const char *reason) {
   fs_event ev;
-  char up[300];
   P.upstream_up = 0;
-  snprintf(up, sizeof(up), "%s:%d", P.up_host, P.up_port);
   if (fs_ev_begin(&ev, FS_LOG_WARN, "upstream.down")) {
-    fs_ev_str(&ev, "upstream", up);
+    fs_ev_str(&ev, "upstream", P.up_name);
     fs_ev_str(&ev, "reason", reason);
     fs_ev_end(&ev);
   }
@@ -1021,7 +1029,7 @@ static void up_closing(fs_h2conn *h, const char *reason) {
     call *c = u->calls;
     detach(c, UP);
     if (!c->fl[UP].eof)
-      fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s:%d connection lost (%s)", P.up_host, P.up_port,
+      fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s connection lost (%s)", P.up_name,
                 reason);
     maybe_free(c);
   }
@@ -1083,7 +1091,7 @@ static void up_connect_to(const struct sockaddr *sa) {
   P.nups++;
   P.nups_connecting++;
   P.stats.upstream_connects++;
-  snprintf(u->h2.peer, sizeof(u->h2.peer), "%s:%d", P.up_host, P.up_port);
+  snprintf(u->h2.peer, sizeof(u->h2.peer), "%s", P.up_name);
   fs_h2conn_set_timer(&u->h2, (uint64_t)(P.cfg->connect_timeout_s * 1000));
   u->creq.data = u;
   if ((rv = uv_tcp_connect(&u->creq, &u->h2.tcp, sa, on_up_connected)) < 0) fs_h2conn_close(&u->h2, uv_strerror(rv));
@@ -1130,9 +1138,7 @@ static void schedule_reconnect(void) {
   if (P.draining || P.nups > 0 || P.resolving || uv_is_active((uv_handle_t *)&P.reconnect_timer)) return;
   delay = fs_backoff_next(&P.backoff);
   if (delay > 0 && fs_ev_begin(&ev, FS_LOG_INFO, "upstream.backoff")) {
-    char up[300];
-    snprintf(up, sizeof(up), "%s:%d", P.up_host, P.up_port);
-    fs_ev_str(&ev, "upstream", up);
+        fs_ev_str(&ev, "upstream", P.up_name);
     fs_ev_u64(&ev, "attempt", P.backoff.attempt);
     fs_ev_u64(&ev, "delay_ms", delay);
     fs_ev_str(&ev, "reason", P.up_error);
@@ -1172,6 +1178,7 @@ int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL
   P.up_ctx = up_ctx;
   P.on_stopped = on_stopped;
   fs_hostport_split(cfg->upstream, P.up_host, sizeof(P.up_host), &P.up_port);
+  snprintf(P.up_name, sizeof(P.up_name), strchr(P.up_host, ':') ? "[%s]:%d" : "%s:%d", P.up_host, P.up_port);
   if (uv_ip4_addr(P.up_host, P.up_port, (struct sockaddr_in *)&P.up_addr) == 0 ||
       uv_ip6_addr(P.up_host, P.up_port, (struct sockaddr_in6 *)&P.up_addr) == 0)
     P.up_addr_ok = 1;

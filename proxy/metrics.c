@@ -1,0 +1,114 @@
+/* metrics: see metrics.h. */
+#include "metrics.h"
+
+#include <inttypes.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#define NSTATUS 17
+/* Call duration buckets, seconds: Fleet calls range from sub-millisecond
+ * heartbeats to multi-second object transfers. */
+static const double buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+#define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
+
+static const char *const status_names[NSTATUS] = {
+  "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
+  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
+  "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+};
+
+static struct {
+  uint64_t calls[FS_FLEET_METHODS][NSTATUS];
+  uint64_t hist[FS_FLEET_METHODS][NBUCKETS];
+  uint64_t hist_count[FS_FLEET_METHODS];
+  double hist_sum[FS_FLEET_METHODS];
+  uint64_t bytes[FS_FLEET_METHODS][2];
+} M;
+
+void fs_metrics_reset(void) { memset(&M, 0, sizeof(M)); }
+
+void fs_metrics_call(fs_fleet_method m, int status, uint64_t duration_ms, uint64_t bytes_in, uint64_t bytes_out) {
+  double s = (double)duration_ms / 1000.0;
+  size_t b;
+  if ((int)m < 0 || m >= FS_FLEET_METHODS) m = FS_FLEET_NONE;
+  if (status < 0 || status >= NSTATUS) status = 2; /* UNKNOWN */
+  M.calls[m][status]++;
+  for (b = 0; b < NBUCKETS; b++)
+    if (s <= buckets[b]) M.hist[m][b]++;
+  M.hist_count[m]++;
+  M.hist_sum[m] += s;
+  M.bytes[m][0] += bytes_in;
+  M.bytes[m][1] += bytes_out;
+}
+
+typedef struct out {
+  char *p;
+  size_t len, cap;
+  int full;
+} out;
+
+static void put(out *o, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void put(out *o, const char *fmt, ...) {
+  va_list ap;
+  int n;
+  if (o->full) return;
+  va_start(ap, fmt);
+  n = vsnprintf(o->p + o->len, o->cap - o->len, fmt, ap);
+  va_end(ap);
+  if (n < 0 || (size_t)n >= o->cap - o->len) o->full = 1;
+  else o->len += (size_t)n;
+}
+
+static void head(out *o, const char *name, const char *type, const char *help) {
+  put(o, "# HELP flower_sidecar_%s %s\n# TYPE flower_sidecar_%s %s\n", name, help, name, type);
+}
+
+size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
+  out o = {buf, 0, cap, 0};
+  int m, st;
+  size_t b;
+  head(&o, "connections", "gauge", "Downstream connections open now.");
+  put(&o, "flower_sidecar_connections %" PRIu64 "\n", s->conns_current);
+  head(&o, "connections_total", "counter", "Downstream connections accepted and set up.");
+  put(&o, "flower_sidecar_connections_total %" PRIu64 "\n", s->conns_total);
+  head(&o, "calls_total", "counter", "Calls finished, by method and gRPC status.");
+  for (m = 0; m < FS_FLEET_METHODS; m++)
+    for (st = 0; st < NSTATUS; st++)
+      if (M.calls[m][st] || (st == 0 && m > 0))
+        put(&o, "flower_sidecar_calls_total{method=\"%s\",status=\"%s\"} %" PRIu64 "\n",
+            fs_fleet_method_name((fs_fleet_method)m), status_names[st], M.calls[m][st]);
+  head(&o, "call_duration_seconds", "histogram", "Call duration from request headers to the final status.");
+  for (m = 0; m < FS_FLEET_METHODS; m++) {
+    const char *name = fs_fleet_method_name((fs_fleet_method)m);
+    if (!M.hist_count[m] && m == 0) continue;
+    for (b = 0; b < NBUCKETS; b++)
+      put(&o, "flower_sidecar_call_duration_seconds_bucket{method=\"%s\",le=\"%g\"} %" PRIu64 "\n", name, buckets[b],
+          M.hist[m][b]);
+    put(&o, "flower_sidecar_call_duration_seconds_bucket{method=\"%s\",le=\"+Inf\"} %" PRIu64 "\n", name,
+        M.hist_count[m]);
+    put(&o, "flower_sidecar_call_duration_seconds_sum{method=\"%s\"} %.6f\n", name, M.hist_sum[m]);
+    put(&o, "flower_sidecar_call_duration_seconds_count{method=\"%s\"} %" PRIu64 "\n", name, M.hist_count[m]);
+  }
+  head(&o, "bytes_total", "counter", "gRPC payload bytes carried, by method; in = from the client, out = to it.");
+  for (m = 0; m < FS_FLEET_METHODS; m++) {
+    if (!M.hist_count[m] && m == 0) continue;
+    put(&o, "flower_sidecar_bytes_total{method=\"%s\",direction=\"in\"} %" PRIu64 "\n",
+        fs_fleet_method_name((fs_fleet_method)m), M.bytes[m][0]);
+    put(&o, "flower_sidecar_bytes_total{method=\"%s\",direction=\"out\"} %" PRIu64 "\n",
+        fs_fleet_method_name((fs_fleet_method)m), M.bytes[m][1]);
+  }
+  head(&o, "upstream_up", "gauge", "1 while an upstream HTTP/2 connection is established.");
+  put(&o, "flower_sidecar_upstream_up %d\n", s->upstream_up ? 1 : 0);
+  head(&o, "upstream_connects_total", "counter", "Upstream connection attempts.");
+  put(&o, "flower_sidecar_upstream_connects_total %" PRIu64 "\n", s->upstream_connects);
+  head(&o, "tls_handshake_failures_total", "counter", "Failed TLS handshakes on the listener.");
+  put(&o, "flower_sidecar_tls_handshake_failures_total %" PRIu64 "\n", s->tls_failures);
+  head(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.");
+  put(&o, "flower_sidecar_nodes_active %" PRIu64 "\n", s->nodes_active);
+  head(&o, "health_serving", "gauge", "1 when grpc.health.v1 answers SERVING.");
+  put(&o, "flower_sidecar_health_serving %d\n", s->serving ? 1 : 0);
+  head(&o, "event_lines_dropped_total", "counter", "Event lines dropped because the output could not keep up.");
+  put(&o, "flower_sidecar_event_lines_dropped_total %" PRIu64 "\n", s->dropped_lines);
+  return o.full ? 0 : o.len;
+}
