@@ -26,8 +26,12 @@
 #define HTTP1_MAX 8192
 /* A HealthCheckRequest larger than this is refused. */
 #define REQ_MAX 1024
-/* The first request must arrive within this time (half-open clients). */
-#define SNIFF_TIMEOUT_MS 10000
+/* A request (HTTP/1.1, or an HTTP/2 stream's) must be complete within this
+ * time: half-open clients do not hold resources. */
+#define REQUEST_TIMEOUT_MS 10000
+/* Admin connections at once, at most: a local flood must not take the file
+ * descriptors the Fleet listener needs. */
+#define MAX_ADMIN_CONNS 256
 
 enum { M_OTHER = 0, M_CHECK, M_WATCH };
 
@@ -43,7 +47,7 @@ struct astream {
   fs_bufq out; /* framed HealthCheckResponse messages not yet sent */
   astream *prev, *next; /* the connection's streams */
   astream *wprev, *wnext; /* watchers */
-  uint8_t watching, unknown_service;
+  uint8_t watching, unknown_service, complete;
 };
 
 struct aconn {
@@ -51,6 +55,7 @@ struct aconn {
   char *head; /* HTTP/1.1 or preface bytes while sniffing */
   size_t head_len;
   astream *streams;
+  uint32_t incomplete; /* streams whose request has not fully arrived */
   aconn *prev, *next;
 };
 
@@ -60,6 +65,7 @@ static struct {
   uv_tcp_t listener;
   int listening;
   aconn *conns;
+  uint32_t nconns;
   astream *watchers;
   nghttp2_session_callbacks *cbs;
   fs_health_status status;
@@ -112,8 +118,15 @@ static void watch_del(astream *s) {
   s->watching = 0;
 }
 
+static void request_done(astream *s) {
+  if (s->complete) return;
+  s->complete = 1;
+  if (--s->conn->incomplete == 0) fs_h2conn_set_timer(&s->conn->h2, 0);
+}
+
 static void stream_free(astream *s) {
   aconn *c = s->conn;
+  request_done(s);
   watch_del(s);
   if (s->prev) s->prev->next = s->next;
   else c->streams = s->next;
@@ -225,6 +238,7 @@ static int on_begin_headers(nghttp2_session *ses, const nghttp2_frame *frame, vo
   s->next = c->streams;
   if (c->streams) c->streams->prev = s;
   c->streams = s;
+  if (c->incomplete++ == 0) fs_h2conn_set_timer(&c->h2, REQUEST_TIMEOUT_MS);
   nghttp2_session_set_stream_user_data(ses, s->sid, s);
   return 0;
 }
@@ -254,7 +268,10 @@ static int on_frame_recv(nghttp2_session *ses, const nghttp2_frame *frame, void 
   if ((frame->hd.type != NGHTTP2_HEADERS && frame->hd.type != NGHTTP2_DATA) ||
       !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM))
     return 0;
-  if ((s = nghttp2_session_get_stream_user_data(ses, frame->hd.stream_id))) on_request_complete(s);
+  if ((s = nghttp2_session_get_stream_user_data(ses, frame->hd.stream_id))) {
+    request_done(s);
+    on_request_complete(s);
+  }
   return 0;
 }
 
@@ -290,6 +307,7 @@ static void a_freed(fs_h2conn *h) {
   if (c->prev) c->prev->next = c->next;
   else A.conns = c->next;
   if (c->next) c->next->prev = c->prev;
+  A.nconns--;
   free(c->head);
   free(c);
   if (!A.listening && !A.conns && A.on_closed) {
@@ -404,12 +422,13 @@ static void on_accept(uv_stream_t *server, int status) {
   c->next = A.conns;
   if (A.conns) A.conns->prev = c;
   A.conns = c;
-  if (uv_accept(server, (uv_stream_t *)&c->h2.tcp) < 0) {
-    fs_h2conn_close(&c->h2, "accept failed");
+  A.nconns++;
+  if (uv_accept(server, (uv_stream_t *)&c->h2.tcp) < 0 || A.nconns > MAX_ADMIN_CONNS) {
+    fs_h2conn_close(&c->h2, "accept failed or too many admin connections");
     return;
   }
   snprintf(c->h2.peer, sizeof(c->h2.peer), "admin");
-  fs_h2conn_set_timer(&c->h2, SNIFF_TIMEOUT_MS);
+  fs_h2conn_set_timer(&c->h2, REQUEST_TIMEOUT_MS);
   fs_h2conn_start(&c->h2, NULL, 1, NULL, NULL);
 }
 

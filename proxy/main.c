@@ -8,6 +8,7 @@
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -72,6 +73,14 @@ int main(int argc, char **argv) {
   }
   fs_log_init(cfg.log_format, cfg.log_level, cfg.role_name, log_fd);
   signal(SIGPIPE, SIG_IGN);
+  {
+    /* Every SuperNode holds a connection: use all descriptors allowed. */
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+      rl.rlim_cur = rl.rlim_max;
+      setrlimit(RLIMIT_NOFILE, &rl);
+    }
+  }
 
   if (cfg.role == FS_ROLE_LINK && cfg.tls) down_ctx = fs_tls_server_ctx(&cfg, err, sizeof(err));
   if (cfg.role == FS_ROLE_NODE && cfg.tls) up_ctx = fs_tls_client_ctx(&cfg, err, sizeof(err));
@@ -94,10 +103,11 @@ int main(int argc, char **argv) {
   uv_signal_start(&sig_int, on_signal, SIGINT);
 
   if (fs_h2conn_global_init(loop) < 0) return fatal("cannot start the event loop");
-  /* The admin port first: health is NOT_SERVING until the proxy is ready. */
+  /* The proxy first (it only starts connecting), so the admin port's first
+   * verdict already names the real reason. */
+  if (fs_proxy_start(loop, &cfg, down_ctx, up_ctx, on_stopped, err, sizeof(err)) < 0) return fatal(err);
   if (fs_admin_start(loop, &cfg, err, sizeof(err)) < 0) return fatal(err);
   fs_proxy_on_state_change(fs_admin_update);
-  if (fs_proxy_start(loop, &cfg, down_ctx, up_ctx, on_stopped, err, sizeof(err)) < 0) return fatal(err);
   uv_run(loop, UV_RUN_DEFAULT);
   fs_bufq_global_free();
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.stop")) {

@@ -113,6 +113,7 @@ static struct {
 } P;
 
 static void up_connect(void);
+static void up_log_down(const char *reason);
 static void schedule_reconnect(void);
 static void maybe_stopped(void);
 
@@ -208,6 +209,15 @@ static nghttp2_vec hdrs_get(const hdrs *h, const char *name) {
 }
 
 static pconn *conn_of(fs_h2conn *c) { return (pconn *)c; }
+
+/* Nonzero while an upstream connection takes new calls: SETTINGS arrived
+ * and no GOAWAY. */
+static int any_up_ready(void) {
+  pconn *u;
+  for (u = P.ups; u; u = u->next)
+    if (u->ready && !u->goaway && !u->h2.closing) return 1;
+  return 0;
+}
 
 static void peer_name(uv_tcp_t *t, char *out, size_t len) {
   struct sockaddr_storage ss;
@@ -719,9 +729,13 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
     if (!pc->h2.close_reason[0])
       snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "peer sent GOAWAY %s",
                nghttp2_http2_strerror(frame->goaway.error_code));
-    if (pc->upstream) {
+    if (pc->upstream && !pc->goaway) {
+      int should_connect;
       pc->goaway = 1;
-      /* New calls need a connection that will take them. */
+      /* The upstream is going away: health says so at once, and a new
+       * connection is tried now for the calls to come. */
+      if (P.upstream_up && !any_up_ready()) up_log_down(pc->h2.close_reason);
+      if (!pick_upstream(&should_connect) && should_connect) up_connect();
       if (P.qhead) dispatch_queue();
     }
     return 0;
@@ -1036,12 +1050,6 @@ static void up_closing(fs_h2conn *h, const char *reason) {
   if (!was_ready) P.stats.upstream_failures++;
 }
 
-static int any_up_ready(void) {
-  pconn *u;
-  for (u = P.ups; u; u = u->next)
-    if (u->ready && !u->h2.closing) return 1;
-  return 0;
-}
 
 static void up_freed(fs_h2conn *h) {
   pconn *u = conn_of(h);
