@@ -17,7 +17,7 @@
 #include "health.pb-c.h"
 #include "log.h"
 #include "metrics.h"
-#include "observe.h"
+#include "fedstate.h"
 #include "proxy.h"
 
 #define PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -359,7 +359,7 @@ static void http_request(aconn *c) {
     const fs_proxy_stats *ps = fs_proxy_get_stats();
     fs_metrics_sample smp = {ps->conns_current, ps->conns_total, ps->tls_failures, fs_proxy_upstream_up(),
                              ps->upstream_connects, current(&reason) == FS_HEALTH_SERVING, fs_log_dropped(),
-                             fs_obs_nodes_active()};
+                             fs_fed_nodes_active()};
     size_t cap = 256 * 1024, n;
     char *text = malloc(cap);
     if (!text || !(n = fs_metrics_render(text, cap, &smp))) {

@@ -15,15 +15,21 @@
 #include "admin.h"
 #include "bufq.h"
 #include "config.h"
+#include "fedstate.h"
 #include "h2conn.h"
 #include "log.h"
+#include "observe.h"
 #include "proxy.h"
 #include "tls.h"
 
 static fs_config cfg;
 static uv_signal_t sig_term, sig_int;
+static uv_timer_t fed_tick;
+
+static void on_fed_tick(uv_timer_t *t) { fs_fed_tick(uv_now(t->loop)); }
 
 static void on_admin_closed(void) {
+  uv_close((uv_handle_t *)&fed_tick, NULL);
   uv_close((uv_handle_t *)&sig_term, NULL);
   uv_close((uv_handle_t *)&sig_int, NULL);
   fs_h2conn_global_close();
@@ -103,6 +109,10 @@ int main(int argc, char **argv) {
   uv_signal_start(&sig_int, on_signal, SIGINT);
 
   if (fs_h2conn_global_init(loop) < 0) return fatal("cannot start the event loop");
+  fs_fed_reset();
+  fs_obs_set_clock(fs_now_ms);
+  uv_timer_init(loop, &fed_tick);
+  uv_timer_start(&fed_tick, on_fed_tick, 1000, 1000);
   /* The proxy first (it only starts connecting), so the admin port's first
    * verdict already names the real reason. */
   if (fs_proxy_start(loop, &cfg, down_ctx, up_ctx, on_stopped, err, sizeof(err)) < 0) return fatal(err);
@@ -110,6 +120,7 @@ int main(int argc, char **argv) {
   fs_proxy_on_state_change(fs_admin_update);
   uv_run(loop, UV_RUN_DEFAULT);
   fs_bufq_global_free();
+  fs_fed_reset();
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.stop")) {
     fs_ev_u64(&ev, "dropped_lines", fs_log_dropped());
     fs_ev_end(&ev);

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fedstate.h"
 #include "fleet.pb-c.h"
 #include "grpcmsg.h"
 #include "log.h"
@@ -25,10 +26,12 @@ struct fs_obs {
   obs_dir d[2];
 };
 
-static uint64_t nodes_active;
+static uint64_t (*clock_ms)(void);
+
+void fs_obs_set_clock(uint64_t (*now_ms)(void)) { clock_ms = now_ms; }
+static uint64_t now(void) { return clock_ms ? clock_ms() : 0; }
 
 fs_fleet_method fs_obs_method(const fs_obs *o) { return o ? o->method : FS_FLEET_NONE; }
-uint64_t fs_obs_nodes_active(void) { return nodes_active; }
 
 /* --- following the first message each way -------------------------------- */
 
@@ -110,6 +113,8 @@ typedef struct walked {
   char object_id[80];
   char type[32];        /* object type from the content's header line */
   uint64_t content_len; /* declared length of the content / object */
+  const uint8_t *body;  /* the object's body, as far as kept */
+  size_t body_len;
   int found, available, ok;
 } walked;
 
@@ -121,8 +126,14 @@ static void copy_str(char *dst, size_t cap, const uint8_t *s, size_t n) {
 
 static void walk_content(walked *w, const fs_pb_field *f) {
   uint64_t body;
+  int hl;
   w->content_len = f->declared;
-  if (fs_fleet_object_header(f->data, f->len, w->type, sizeof(w->type), &body) < 0) snprintf(w->type, sizeof(w->type), "?");
+  if ((hl = fs_fleet_object_header(f->data, f->len, w->type, sizeof(w->type), &body)) < 0) {
+    snprintf(w->type, sizeof(w->type), "?");
+    return;
+  }
+  w->body = f->data + hl;
+  w->body_len = f->len - (size_t)hl;
 }
 
 /* PushObjectRequest (dir 0) or PullObjectResponse (dir 1). */
@@ -180,28 +191,35 @@ static uint32_t tree_size(const Flwr__Proto__ObjectTree *t) {
   return n;
 }
 
-static void msg_fields(fs_event *ev, const Flwr__Proto__Message *m) {
-  const Flwr__Proto__Metadata *md = m->metadata;
-  if (md) {
-    fs_ev_id(ev, "run_id", md->run_id);
-    fs_ev_str(ev, "message_id", md->message_id);
-    fs_ev_str(ev, "message_type", md->message_type);
-  }
+static void collect_ids(const Flwr__Proto__ObjectTree *t, const char **ids, size_t *n) {
+  size_t i;
+  if (!t || *n >= FS_FED_MAX_TREE) return;
+  ids[(*n)++] = t->object_id;
+  for (i = 0; i < t->n_children; i++) collect_ids(t->children[i], ids, n);
 }
 
 static void emit_pull_messages(const fs_obs *o) {
   Flwr__Proto__PullMessagesRequest *rq = (void *)unpack(o, 0, &flwr__proto__pull_messages_request__descriptor);
   Flwr__Proto__PullMessagesResponse *rs = (void *)unpack(o, 1, &flwr__proto__pull_messages_response__descriptor);
   size_t i;
+  if (rq) fs_fed_node_seen(now(), node_of(rq->node));
   if (rs) {
     for (i = 0; i < rs->n_messages_list; i++) {
-      fs_event ev;
-      if (!begin(&ev, FS_LOG_INFO, "message.dispatch")) break;
-      fs_ev_id(&ev, "node_id", rq ? node_of(rq->node) : 0);
-      msg_fields(&ev, rs->messages_list[i]);
-      if (rs->messages_list[i]->metadata) fs_ev_str(&ev, "group_id", rs->messages_list[i]->metadata->group_id);
-      fs_ev_u64(&ev, "objects", i < rs->n_message_object_trees ? tree_size(rs->message_object_trees[i]) : 0);
-      fs_ev_end(&ev);
+      const Flwr__Proto__Metadata *md = rs->messages_list[i]->metadata;
+      const Flwr__Proto__ObjectTree *t = i < rs->n_message_object_trees ? rs->message_object_trees[i] : NULL;
+      const char *ids[FS_FED_MAX_TREE];
+      size_t n = 0;
+      fs_fed_dispatch d;
+      collect_ids(t, ids, &n);
+      d.node_id = rq ? node_of(rq->node) : 0;
+      d.run_id = md ? md->run_id : 0;
+      d.message_id = md ? md->message_id : "";
+      d.message_type = md ? md->message_type : "";
+      d.group_id = md ? md->group_id : "";
+      d.objects = ids;
+      d.n_objects = n;
+      fs_fed_dispatch_msg(now(), &d);
+      (void)tree_size;
     }
   }
   if (rq) protobuf_c_message_free_unpacked(&rq->base, NULL);
@@ -213,20 +231,22 @@ static void emit_push_messages(const fs_obs *o) {
   Flwr__Proto__PushMessagesResponse *rs = (void *)unpack(o, 1, &flwr__proto__push_messages_response__descriptor);
   size_t i;
   if (rq) {
+    fs_fed_node_seen(now(), node_of(rq->node));
     for (i = 0; i < rq->n_messages_list; i++) {
       const Flwr__Proto__Message *m = rq->messages_list[i];
-      fs_event ev;
-      if (!begin(&ev, FS_LOG_INFO, "message.reply")) break;
-      fs_ev_id(&ev, "node_id", node_of(rq->node));
-      msg_fields(&ev, m);
-      if (m->metadata) fs_ev_str(&ev, "reply_to", m->metadata->reply_to_message_id);
-      if (m->error) {
-        fs_ev_i64(&ev, "error_code", m->error->code);
-        fs_ev_str(&ev, "error_reason", m->error->reason);
-      }
-      if (i < rq->n_clientapp_runtime_list) fs_ev_num(&ev, "clientapp_runtime_s", rq->clientapp_runtime_list[i], 3);
-      if (rs) fs_ev_u64(&ev, "objects_to_push", rs->n_objects_to_push);
-      fs_ev_end(&ev);
+      const Flwr__Proto__Metadata *md = m->metadata;
+      fs_fed_reply r;
+      r.node_id = node_of(rq->node);
+      r.run_id = md ? md->run_id : 0;
+      r.message_id = md ? md->message_id : "";
+      r.reply_to = md ? md->reply_to_message_id : "";
+      r.message_type = md ? md->message_type : "";
+      r.has_error = m->error != NULL;
+      r.error_code = m->error ? m->error->code : 0;
+      r.error_reason = m->error ? m->error->reason : "";
+      r.clientapp_runtime_s = i < rq->n_clientapp_runtime_list ? rq->clientapp_runtime_list[i] : -1;
+      r.objects_to_push = rs ? (int64_t)rs->n_objects_to_push : -1;
+      fs_fed_reply_msg(now(), &r);
     }
   }
   if (rq) protobuf_c_message_free_unpacked(&rq->base, NULL);
@@ -238,7 +258,6 @@ static void emit_object(const fs_obs *o, int push) {
   fs_event ev;
   uint64_t node_id = 0, run_id = 0;
   char object_id[80] = "";
-  if (!fs_log_enabled(FS_LOG_DEBUG)) return;
   if (push) {
     if (walk_object(o, 0, &w) < 0) return;
     node_id = w.node_id, run_id = w.run_id;
@@ -251,6 +270,13 @@ static void emit_object(const fs_obs *o, int push) {
       protobuf_c_message_free_unpacked(&rq->base, NULL);
     }
     if (walk_object(o, 1, &w) < 0) return;
+  }
+  fs_fed_node_seen(now(), node_id);
+  fs_fed_object_bytes(node_id, w.content_len, !push);
+  if (push) fs_fed_object_pushed(now(), node_id);
+  if (!strcmp(w.type, "ConfigRecord")) {
+    int64_t round;
+    if (fs_fed_parse_server_round(w.body, w.body_len, &round) == 0) fs_fed_config_round(now(), object_id, round);
   }
   if (!begin(&ev, FS_LOG_DEBUG, push ? "object.push" : "object.pull")) return;
   fs_ev_id(&ev, "node_id", node_id);
@@ -272,34 +298,38 @@ static void emit(const fs_obs *o) {
     break;
   case FS_FLEET_ACTIVATE_NODE:
     rq = unpack(o, 0, &flwr__proto__activate_node_request__descriptor);
-    if ((rs = unpack(o, 1, &flwr__proto__activate_node_response__descriptor)) && ++nodes_active)
-      node_event(o, "node.activate", ((Flwr__Proto__ActivateNodeResponse *)rs)->node_id,
-                 rq ? ((Flwr__Proto__ActivateNodeRequest *)rq)->heartbeat_interval : 0, FS_LOG_INFO);
+    if ((rs = unpack(o, 1, &flwr__proto__activate_node_response__descriptor))) {
+      double hb = rq ? ((Flwr__Proto__ActivateNodeRequest *)rq)->heartbeat_interval : 0;
+      uint64_t id = ((Flwr__Proto__ActivateNodeResponse *)rs)->node_id;
+      fs_fed_node_activated(now(), id, hb);
+      node_event(o, "node.activate", id, hb, FS_LOG_INFO);
+    }
     break;
   case FS_FLEET_DEACTIVATE_NODE:
-    if ((rq = unpack(o, 0, &flwr__proto__deactivate_node_request__descriptor)) && (nodes_active ? nodes_active-- : 1))
-      node_event(o, "node.deactivate", ((Flwr__Proto__DeactivateNodeRequest *)rq)->node_id, 0, FS_LOG_INFO);
+    if ((rq = unpack(o, 0, &flwr__proto__deactivate_node_request__descriptor))) {
+      uint64_t id = ((Flwr__Proto__DeactivateNodeRequest *)rq)->node_id;
+      fs_fed_node_deactivated(id);
+      node_event(o, "node.deactivate", id, 0, FS_LOG_INFO);
+    }
     break;
   case FS_FLEET_UNREGISTER_NODE:
     if ((rq = unpack(o, 0, &flwr__proto__unregister_node_fleet_request__descriptor)))
       node_event(o, "node.unregister", ((Flwr__Proto__UnregisterNodeFleetRequest *)rq)->node_id, 0, FS_LOG_INFO);
     break;
   case FS_FLEET_SEND_NODE_HEARTBEAT:
-    if (fs_log_enabled(FS_LOG_DEBUG) && (rq = unpack(o, 0, &flwr__proto__send_node_heartbeat_request__descriptor))) {
+    if ((rq = unpack(o, 0, &flwr__proto__send_node_heartbeat_request__descriptor))) {
       Flwr__Proto__SendNodeHeartbeatRequest *h = (void *)rq;
+      fs_fed_node_seen(now(), node_of(h->node));
       node_event(o, "node.heartbeat", node_of(h->node), h->heartbeat_interval, FS_LOG_DEBUG);
     }
     break;
   case FS_FLEET_PULL_MESSAGES: emit_pull_messages(o); break;
   case FS_FLEET_PUSH_MESSAGES: emit_push_messages(o); break;
   case FS_FLEET_CONFIRM_MESSAGE_RECEIVED:
-    if ((rq = unpack(o, 0, &flwr__proto__confirm_message_received_request__descriptor)) &&
-        begin(&ev, FS_LOG_INFO, "message.confirm")) {
+    if ((rq = unpack(o, 0, &flwr__proto__confirm_message_received_request__descriptor))) {
       Flwr__Proto__ConfirmMessageReceivedRequest *c = (void *)rq;
-      fs_ev_id(&ev, "node_id", node_of(c->node));
-      fs_ev_id(&ev, "run_id", c->run_id);
-      fs_ev_str(&ev, "message_id", c->message_object_id);
-      fs_ev_end(&ev);
+      fs_fed_node_seen(now(), node_of(c->node));
+      fs_fed_confirm(now(), node_of(c->node), c->run_id, c->message_object_id);
     }
     break;
   case FS_FLEET_GET_RUN:

@@ -33,7 +33,7 @@ void fs_obs_finish(fs_obs *o, int grpc_status);
 
 fs_fleet_method fs_obs_method(const fs_obs *o);
 
-/* Nodes activated minus nodes deactivated, as seen through this sidecar. */
-uint64_t fs_obs_nodes_active(void);
+/* The clock fedstate is fed with (ms). */
+void fs_obs_set_clock(uint64_t (*now_ms)(void));
 
 #endif

@@ -1,0 +1,541 @@
+/* fedstate: see fedstate.h. */
+#include "fedstate.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "fleet.h"
+#include "log.h"
+
+typedef struct fnode {
+  uint64_t id;
+  uint64_t last_seen_ms;
+  double hb_s;
+  uint64_t cur_run;   /* the round its latest instruction belongs to */
+  int64_t cur_round;  /* -1: none */
+  char cur_type[24];
+  uint64_t pend_in, pend_out; /* object bytes before its round was known */
+  uint32_t pushes_left;       /* objects its reply still has to push */
+  uint8_t used, active, offline;
+} fnode;
+
+typedef struct fmsg {
+  char id[FS_FED_ID_LEN + 1];
+  char type[24];
+  char group[64];
+  uint64_t node_id, run_id, t_dispatch;
+  int64_t round;         /* -1 unknown */
+  uint32_t n_objects;
+  char (*objects)[FS_FED_ID_LEN + 1]; /* while the round is unknown */
+  uint8_t used, announced, replied;
+} fmsg;
+
+#define MAX_ROUNDS 32
+typedef struct fround {
+  uint64_t run_id;
+  char type[24];
+  int64_t round;
+  uint64_t t_start;
+  uint32_t nodes, replies, errors, missing; /* missing: went offline without replying */
+  uint32_t pushes_pending; /* reply objects announced, not yet pushed */
+  uint64_t bytes_in, bytes_out;
+  uint8_t open;
+} fround;
+
+#define CONFIG_CACHE 256
+static struct {
+  fnode *nodes;   /* open addressing by id */
+  size_t nodes_cap, n_nodes;
+  fmsg *msgs;     /* open addressing by id hash */
+  size_t msgs_cap, n_msgs;
+  fround rounds[MAX_ROUNDS];
+  struct {
+    char id[FS_FED_ID_LEN + 1];
+    int64_t round;
+  } cfg[CONFIG_CACHE];
+  size_t cfg_next;
+  uint64_t active;  /* activated, not deactivated */
+  uint64_t offline; /* of those, silent too long */
+  int64_t last_round;
+  uint64_t last_round_run;
+} F;
+
+void fs_fed_reset(void) {
+  size_t i;
+  for (i = 0; i < F.msgs_cap; i++) free(F.msgs[i].objects);
+  free(F.nodes);
+  free(F.msgs);
+  memset(&F, 0, sizeof(F));
+  F.last_round = -1;
+}
+
+uint64_t fs_fed_nodes_active(void) { return F.active; }
+int64_t fs_fed_current_round(uint64_t *run_id) {
+  *run_id = F.last_round_run;
+  return F.last_round;
+}
+
+/* --- tables ------------------------------------------------------------------ */
+
+static uint64_t hash_u64(uint64_t x) {
+  x ^= x >> 33;
+  x *= 0xff51afd7ed558ccdull;
+  x ^= x >> 33;
+  return x;
+}
+
+static uint64_t hash_str(const char *s) {
+  uint64_t h = 1469598103934665603ull;
+  while (*s) h = (h ^ (uint8_t)*s++) * 1099511628211ull;
+  return h;
+}
+
+static fnode *node_get(uint64_t id, int create) {
+  size_t i, mask;
+  if (!F.nodes) {
+    if (!create || !(F.nodes = calloc(1024, sizeof(fnode)))) return NULL;
+    F.nodes_cap = 1024;
+  }
+  mask = F.nodes_cap - 1;
+  for (i = hash_u64(id) & mask;; i = (i + 1) & mask) {
+    if (F.nodes[i].used && F.nodes[i].id == id) return &F.nodes[i];
+    if (!F.nodes[i].used) break;
+  }
+  if (!create || F.n_nodes >= FS_FED_MAX_NODES) return NULL;
+  if ((F.n_nodes + 1) * 2 > F.nodes_cap) { /* grow: keep the load under 1/2 */
+    fnode *old = F.nodes;
+    size_t oldcap = F.nodes_cap, j;
+    if (!(F.nodes = calloc(oldcap * 2, sizeof(fnode)))) return F.nodes = old, NULL;
+    F.nodes_cap = oldcap * 2;
+    for (j = 0; j < oldcap; j++)
+      if (old[j].used) {
+        size_t k;
+        for (k = hash_u64(old[j].id) & (F.nodes_cap - 1); F.nodes[k].used; k = (k + 1) & (F.nodes_cap - 1)) {
+        }
+        F.nodes[k] = old[j];
+      }
+    free(old);
+    return node_get(id, create);
+  }
+  F.nodes[i].used = 1;
+  F.nodes[i].id = id;
+  F.nodes[i].cur_round = -1;
+  F.n_nodes++;
+  return &F.nodes[i];
+}
+
+/* Messages: fixed table (deletions would need tombstones; entries are freed
+ * by marking them replied and reused when the table is rebuilt). */
+static fmsg *msg_find(const char *id) {
+  size_t i, mask, n;
+  if (!F.msgs || !id || !*id) return NULL;
+  mask = F.msgs_cap - 1;
+  for (i = hash_str(id) & mask, n = 0; n < F.msgs_cap; i = (i + 1) & mask, n++) {
+    if (!F.msgs[i].used) return NULL;
+    if (!strcmp(F.msgs[i].id, id)) return &F.msgs[i];
+  }
+  return NULL;
+}
+
+static void msgs_compact(void) {
+  /* Drop replied messages by rebuilding the table. */
+  fmsg *old = F.msgs;
+  size_t cap = F.msgs_cap, j;
+  if (!(F.msgs = calloc(cap, sizeof(fmsg)))) {
+    F.msgs = old;
+    return;
+  }
+  F.n_msgs = 0;
+  for (j = 0; j < cap; j++) {
+    if (!old[j].used) continue;
+    if (old[j].replied) {
+      free(old[j].objects);
+      continue;
+    }
+    {
+      size_t k;
+      for (k = hash_str(old[j].id) & (cap - 1); F.msgs[k].used; k = (k + 1) & (cap - 1)) {
+      }
+      F.msgs[k] = old[j];
+      F.n_msgs++;
+    }
+  }
+  free(old);
+}
+
+static fmsg *msg_add(const char *id) {
+  size_t i, mask;
+  if (strlen(id) > FS_FED_ID_LEN) return NULL;
+  if (!F.msgs) {
+    if (!(F.msgs = calloc(2 * FS_FED_MAX_MSGS, sizeof(fmsg)))) return NULL;
+    F.msgs_cap = 2 * FS_FED_MAX_MSGS;
+  }
+  if (F.n_msgs >= FS_FED_MAX_MSGS) msgs_compact();
+  if (F.n_msgs >= FS_FED_MAX_MSGS) return NULL;
+  mask = F.msgs_cap - 1;
+  for (i = hash_str(id) & mask; F.msgs[i].used; i = (i + 1) & mask)
+    if (!strcmp(F.msgs[i].id, id)) return &F.msgs[i];
+  F.msgs[i].used = 1;
+  strcpy(F.msgs[i].id, id);
+  F.n_msgs++;
+  return &F.msgs[i];
+}
+
+static void copy(char *dst, size_t cap, const char *s) {
+  size_t n = s ? strlen(s) : 0;
+  if (n >= cap) n = cap - 1;
+  if (n) memcpy(dst, s, n);
+  dst[n] = '\0';
+}
+
+/* --- rounds ------------------------------------------------------------------- */
+
+static fround *round_find(uint64_t run_id, const char *type, int64_t round) {
+  int i;
+  for (i = 0; i < MAX_ROUNDS; i++)
+    if (F.rounds[i].open && F.rounds[i].run_id == run_id && F.rounds[i].round == round && !strcmp(F.rounds[i].type, type))
+      return &F.rounds[i];
+  return NULL;
+}
+
+static void round_end(uint64_t now, fround *r) {
+  fs_event ev;
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "round.end")) {
+    fs_ev_id(&ev, "run_id", r->run_id);
+    fs_ev_i64(&ev, "round", r->round);
+    fs_ev_str(&ev, "message_type", r->type);
+    fs_ev_u64(&ev, "nodes", r->nodes);
+    fs_ev_u64(&ev, "replies", r->replies);
+    fs_ev_u64(&ev, "errors", r->errors);
+    fs_ev_u64(&ev, "missing", r->missing);
+    fs_ev_u64(&ev, "duration_ms", now - r->t_start);
+    fs_ev_u64(&ev, "bytes_in", r->bytes_in);
+    fs_ev_u64(&ev, "bytes_out", r->bytes_out);
+    fs_ev_end(&ev);
+  }
+  r->open = 0;
+}
+
+/* A message's round became known: count its node in the round. */
+static fround *round_join(uint64_t now, const fmsg *m) {
+  fround *r = round_find(m->run_id, m->type, m->round), *slot = NULL;
+  fs_event ev;
+  int i;
+  if (r) {
+    r->nodes++;
+    return r;
+  }
+  /* The ServerApp starts a phase once the previous one is over: a new round
+   * or message type of this run closes what is still open of it. */
+  for (i = 0; i < MAX_ROUNDS; i++) {
+    fround *o = &F.rounds[i];
+    if (o->open && o->run_id == m->run_id) round_end(now, o);
+  }
+  for (i = 0; i < MAX_ROUNDS && !slot; i++)
+    if (!F.rounds[i].open) slot = &F.rounds[i];
+  if (!slot) { /* too many runs at once: the oldest round ends early */
+    slot = &F.rounds[0];
+    for (i = 1; i < MAX_ROUNDS; i++)
+      if (F.rounds[i].t_start < slot->t_start) slot = &F.rounds[i];
+    round_end(now, slot);
+  }
+  memset(slot, 0, sizeof(*slot));
+  slot->open = 1;
+  slot->run_id = m->run_id;
+  copy(slot->type, sizeof(slot->type), m->type);
+  slot->round = m->round;
+  slot->t_start = now;
+  slot->nodes = 1;
+  F.last_round = m->round;
+  F.last_round_run = m->run_id;
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "round.start")) {
+    fs_ev_id(&ev, "run_id", m->run_id);
+    fs_ev_i64(&ev, "round", m->round);
+    fs_ev_str(&ev, "message_type", m->type);
+    fs_ev_end(&ev);
+  }
+  return slot;
+}
+
+/* Every online node got the instruction and answered: the round is over.
+ * (With client sampling, fewer nodes take part: the next phase ends it.) */
+static void round_maybe_end(uint64_t now, fround *r) {
+  if (r->open && r->nodes > 0 && r->replies + r->missing >= r->nodes && r->pushes_pending == 0 &&
+      r->nodes >= F.active - F.offline + r->missing)
+    round_end(now, r);
+}
+
+static void announce(uint64_t now, fmsg *m) {
+  fs_event ev;
+  if (m->announced) return;
+  m->announced = 1;
+  if (m->round >= 0) {
+    fnode *n = node_get(m->node_id, 0);
+    fround *r = round_join(now, m);
+    if (n) {
+      n->cur_run = m->run_id;
+      n->cur_round = m->round;
+      copy(n->cur_type, sizeof(n->cur_type), m->type);
+      r->bytes_in += n->pend_in;
+      r->bytes_out += n->pend_out;
+      n->pend_in = n->pend_out = 0;
+    }
+  }
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "message.dispatch")) {
+    fs_ev_id(&ev, "node_id", m->node_id);
+    fs_ev_id(&ev, "run_id", m->run_id);
+    fs_ev_str(&ev, "message_id", m->id);
+    fs_ev_str(&ev, "message_type", m->type);
+    fs_ev_str(&ev, "group_id", m->group);
+    if (m->round >= 0) fs_ev_i64(&ev, "round", m->round);
+    fs_ev_u64(&ev, "objects", m->n_objects);
+    fs_ev_end(&ev);
+  }
+  free(m->objects);
+  m->objects = NULL;
+}
+
+static int64_t cached_round(const char *object_id) {
+  size_t i;
+  for (i = 0; i < CONFIG_CACHE; i++)
+    if (F.cfg[i].id[0] && !strcmp(F.cfg[i].id, object_id)) return F.cfg[i].round;
+  return -1;
+}
+
+void fs_fed_dispatch_msg(uint64_t now, const fs_fed_dispatch *d) {
+  fmsg *m = d->message_id ? msg_add(d->message_id) : NULL;
+  size_t i;
+  if (!m) { /* not tracked: say what we know now */
+    fs_event ev;
+    if (fs_ev_begin(&ev, FS_LOG_INFO, "message.dispatch")) {
+      fs_ev_id(&ev, "node_id", d->node_id);
+      fs_ev_id(&ev, "run_id", d->run_id);
+      fs_ev_str(&ev, "message_id", d->message_id);
+      fs_ev_str(&ev, "message_type", d->message_type);
+      fs_ev_str(&ev, "group_id", d->group_id);
+      fs_ev_u64(&ev, "objects", d->n_objects);
+      fs_ev_end(&ev);
+    }
+    return;
+  }
+  if (m->announced) return; /* handed out again: already told */
+  {
+    fnode *n = node_get(d->node_id, 1);
+    if (n) { /* its next object bytes belong to this instruction */
+      n->cur_round = -1;
+      n->pend_in = n->pend_out = 0;
+    }
+  }
+  m->node_id = d->node_id;
+  m->run_id = d->run_id;
+  m->t_dispatch = now;
+  m->round = -1;
+  m->n_objects = (uint32_t)d->n_objects;
+  copy(m->type, sizeof(m->type), d->message_type);
+  copy(m->group, sizeof(m->group), d->group_id);
+  for (i = 0; i < d->n_objects && m->round < 0; i++) m->round = cached_round(d->objects[i]);
+  if (m->round >= 0) {
+    announce(now, m);
+    return;
+  }
+  free(m->objects);
+  m->objects = calloc(d->n_objects < FS_FED_MAX_TREE ? d->n_objects : FS_FED_MAX_TREE, FS_FED_ID_LEN + 1);
+  for (i = 0; m->objects && i < d->n_objects && i < FS_FED_MAX_TREE; i++) copy(m->objects[i], FS_FED_ID_LEN + 1, d->objects[i]);
+}
+
+void fs_fed_config_round(uint64_t now, const char *object_id, int64_t round) {
+  size_t i, j;
+  if (!object_id || !*object_id) return;
+  if (cached_round(object_id) < 0) {
+    copy(F.cfg[F.cfg_next].id, FS_FED_ID_LEN + 1, object_id);
+    F.cfg[F.cfg_next].round = round;
+    F.cfg_next = (F.cfg_next + 1) % CONFIG_CACHE;
+  }
+  /* Pending instructions whose tree holds this object now know their round. */
+  for (i = 0; i < F.msgs_cap; i++) {
+    fmsg *m = &F.msgs[i];
+    if (!m->used || m->announced || !m->objects) continue;
+    for (j = 0; j < m->n_objects && j < FS_FED_MAX_TREE; j++)
+      if (!strcmp(m->objects[j], object_id)) {
+        m->round = round;
+        announce(now, m);
+        break;
+      }
+  }
+}
+
+void fs_fed_confirm(uint64_t now, uint64_t node_id, uint64_t run_id, const char *message_id) {
+  fmsg *m = msg_find(message_id);
+  fs_event ev;
+  if (m) announce(now, m);
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "message.confirm")) {
+    fs_ev_id(&ev, "node_id", node_id);
+    fs_ev_id(&ev, "run_id", run_id);
+    fs_ev_str(&ev, "message_id", message_id);
+    fs_ev_end(&ev);
+  }
+}
+
+void fs_fed_object_bytes(uint64_t node_id, uint64_t bytes, int pulled) {
+  fnode *n = node_get(node_id, 0);
+  fround *r = n && n->cur_round >= 0 ? round_find(n->cur_run, n->cur_type, n->cur_round) : NULL;
+  if (n && n->cur_round < 0) {
+    if (pulled) n->pend_out += bytes;
+    else n->pend_in += bytes;
+    return;
+  }
+  if (!r) return;
+  if (pulled) {
+    r->bytes_out += bytes;
+  } else {
+    r->bytes_in += bytes;
+    if (n->pushes_left) { /* one of its reply's objects arrived */
+      n->pushes_left--;
+      r->pushes_pending--;
+    }
+  }
+}
+
+void fs_fed_object_pushed(uint64_t now, uint64_t node_id) {
+  fnode *n = node_get(node_id, 0);
+  fround *r = n && n->cur_round >= 0 ? round_find(n->cur_run, n->cur_type, n->cur_round) : NULL;
+  if (r) round_maybe_end(now, r);
+}
+
+void fs_fed_reply_msg(uint64_t now, const fs_fed_reply *rp) {
+  fmsg *m = msg_find(rp->reply_to);
+  fround *r = NULL;
+  fs_event ev;
+  if (m && !m->replied && m->round >= 0) r = round_find(m->run_id, m->type, m->round);
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "message.reply")) {
+    fs_ev_id(&ev, "node_id", rp->node_id);
+    fs_ev_id(&ev, "run_id", rp->run_id);
+    fs_ev_str(&ev, "message_id", rp->message_id);
+    fs_ev_str(&ev, "reply_to", rp->reply_to);
+    fs_ev_str(&ev, "message_type", rp->message_type);
+    if (m && m->round >= 0) fs_ev_i64(&ev, "round", m->round);
+    if (rp->has_error) {
+      fs_ev_i64(&ev, "error_code", rp->error_code);
+      fs_ev_str(&ev, "error_reason", rp->error_reason);
+    }
+    if (rp->clientapp_runtime_s >= 0) fs_ev_num(&ev, "clientapp_runtime_s", rp->clientapp_runtime_s, 3);
+    if (rp->objects_to_push >= 0) fs_ev_u64(&ev, "objects_to_push", (uint64_t)rp->objects_to_push);
+    fs_ev_end(&ev);
+  }
+  if (!m || m->replied) return;
+  m->replied = 1;
+  if (r) {
+    fnode *n = node_get(rp->node_id, 0);
+    r->replies++;
+    if (rp->has_error) r->errors++;
+    if (n && rp->objects_to_push > 0) {
+      n->pushes_left = (uint32_t)rp->objects_to_push;
+      r->pushes_pending += n->pushes_left;
+    }
+    round_maybe_end(now, r);
+  }
+}
+
+/* --- nodes ---------------------------------------------------------------------- */
+
+void fs_fed_node_activated(uint64_t now, uint64_t node_id, double hb) {
+  fnode *n = node_get(node_id, 1);
+  if (!n) return;
+  if (n->offline) F.offline--;
+  if (!n->active) F.active++;
+  n->active = 1;
+  n->offline = 0;
+  n->hb_s = hb > 0 ? hb : 30;
+  n->last_seen_ms = now;
+}
+
+void fs_fed_node_deactivated(uint64_t node_id) {
+  fnode *n = node_get(node_id, 0);
+  if (!n || !n->active) return;
+  if (n->offline) F.offline--;
+  n->active = 0;
+  n->offline = 0;
+  F.active--;
+}
+
+void fs_fed_node_seen(uint64_t now, uint64_t node_id) {
+  fnode *n = node_get(node_id, 0);
+  if (!n) return;
+  n->last_seen_ms = now;
+  if (n->offline && n->active) {
+    n->offline = 0;
+    F.offline--;
+  }
+}
+
+void fs_fed_tick(uint64_t now) {
+  size_t i;
+  for (i = 0; i < F.nodes_cap; i++) {
+    fnode *n = &F.nodes[i];
+    fs_event ev;
+    if (!n->used || !n->active || n->offline || now < n->last_seen_ms + (uint64_t)(2000 * n->hb_s)) continue;
+    n->offline = 1;
+    F.offline++;
+    if (fs_ev_begin(&ev, FS_LOG_WARN, "node.offline")) {
+      fs_ev_id(&ev, "node_id", n->id);
+      fs_ev_u64(&ev, "last_seen_ms", now - n->last_seen_ms);
+      fs_ev_end(&ev);
+    }
+    /* Its outstanding instruction will not be answered: the round may end. */
+    {
+      size_t j;
+      for (j = 0; j < F.msgs_cap; j++) {
+        fmsg *m = &F.msgs[j];
+        fround *r;
+        if (!m->used || m->replied || m->node_id != n->id || m->round < 0) continue;
+        m->replied = 1;
+        if ((r = round_find(m->run_id, m->type, m->round))) {
+          r->missing++;
+          round_maybe_end(now, r);
+        }
+      }
+      if (n->pushes_left && n->cur_round >= 0) { /* its reply's objects will not come */
+        fround *r = round_find(n->cur_run, n->cur_type, n->cur_round);
+        if (r) {
+          r->pushes_pending -= n->pushes_left < r->pushes_pending ? n->pushes_left : r->pushes_pending;
+          n->pushes_left = 0;
+          round_maybe_end(now, r);
+        }
+      }
+    }
+  }
+  for (i = 0; i < F.msgs_cap; i++) {
+    fmsg *m = &F.msgs[i];
+    if (m->used && !m->announced && now >= m->t_dispatch + FS_FED_PENDING_MS) announce(now, m);
+  }
+}
+
+/* ConfigRecord: repeated Item items = 1; Item { string key = 1;
+ * ConfigRecordValue value = 2 }; ConfigRecordValue { sint64 = 2; ... }. */
+int fs_fed_parse_server_round(const uint8_t *body, size_t len, int64_t *round) {
+  const uint8_t *p = body, *end = body + len;
+  fs_pb_field f;
+  int rv;
+  while ((rv = fs_pb_next(&p, end, &f)) == 1) {
+    const uint8_t *q, *qe;
+    fs_pb_field g;
+    int is_round = 0;
+    if (f.num != 1 || f.wire != 2 || f.len != f.declared) continue;
+    q = f.data, qe = f.data + f.len;
+    while (fs_pb_next(&q, qe, &g) == 1) {
+      if (g.num == 1 && g.wire == 2 && g.len == 12 && !memcmp(g.data, "server-round", 12)) is_round = 1;
+      else if (g.num == 2 && g.wire == 2 && is_round) {
+        const uint8_t *r = g.data, *re = g.data + g.len;
+        fs_pb_field v;
+        while (fs_pb_next(&r, re, &v) == 1)
+          if (v.wire == 0 && (v.num == 2 || v.num == 3)) {
+            /* sint64 is zigzag; uint64 plain */
+            *round = v.num == 2 ? (int64_t)((v.value >> 1) ^ (~(v.value & 1) + 1)) : (int64_t)v.value;
+            return 0;
+          }
+      }
+    }
+  }
+  (void)rv;
+  return -1;
+}

@@ -1,0 +1,82 @@
+/*
+ * fedstate: what the link role derives from the Fleet calls it sees: the
+ * server round of each instruction, round.start / round.end per run and
+ * message type, and node.offline for an active node silent for twice its
+ * heartbeat interval.
+ *
+ * Rounds: an instruction's round is the `server-round` of the ConfigRecord
+ * object in its tree, which the node pulls after PullMessages.  So
+ * message.dispatch is emitted once the round is known (the ConfigRecord is
+ * pulled, or was already seen: identical configs share an object id), or
+ * at ConfirmMessageReceived without a round (an instruction without a
+ * ConfigRecord), or after FS_FED_PENDING_MS.
+ *
+ * Memory is bounded: at most FS_FED_MAX_NODES nodes and FS_FED_MAX_MSGS
+ * messages are tracked; beyond that, new ones are not (events still flow,
+ * without derived fields).  Time is passed in, so the module is pure and
+ * tested without a clock.
+ */
+#ifndef FS_FEDSTATE_H
+#define FS_FEDSTATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define FS_FED_MAX_NODES 16384
+#define FS_FED_MAX_MSGS 16384
+#define FS_FED_MAX_TREE 64 /* object ids remembered per instruction */
+#define FS_FED_PENDING_MS 30000
+#define FS_FED_ID_LEN 64   /* SHA-256 hex */
+
+typedef struct fs_fed_dispatch {
+  uint64_t node_id, run_id;
+  const char *message_id, *message_type, *group_id;
+  const char *const *objects; /* object ids of the message's tree */
+  size_t n_objects;
+} fs_fed_dispatch;
+
+typedef struct fs_fed_reply {
+  uint64_t node_id, run_id;
+  const char *message_id, *reply_to, *message_type;
+  int has_error;
+  int64_t error_code;
+  const char *error_reason;
+  double clientapp_runtime_s; /* < 0: unknown */
+  int64_t objects_to_push;    /* < 0: unknown */
+} fs_fed_reply;
+
+/* Forgets everything (start, tests). */
+void fs_fed_reset(void);
+
+void fs_fed_node_activated(uint64_t now_ms, uint64_t node_id, double heartbeat_interval_s);
+void fs_fed_node_deactivated(uint64_t node_id);
+/* Any call made by |node_id|: it is alive. */
+void fs_fed_node_seen(uint64_t now_ms, uint64_t node_id);
+
+/* PullMessages handed out an instruction (emits message.dispatch now or
+ * later, see above). */
+void fs_fed_dispatch_msg(uint64_t now_ms, const fs_fed_dispatch *d);
+/* A ConfigRecord object with `server-round` |round| was pulled or pushed. */
+void fs_fed_config_round(uint64_t now_ms, const char *object_id, int64_t round);
+/* |bytes| of object content moved for |node_id| (pulled: out to the node). */
+void fs_fed_object_bytes(uint64_t node_id, uint64_t bytes, int pulled);
+/* A PushObject of |node_id| succeeded (after fs_fed_object_bytes): its
+ * round may be complete now. */
+void fs_fed_object_pushed(uint64_t now_ms, uint64_t node_id);
+void fs_fed_confirm(uint64_t now_ms, uint64_t node_id, uint64_t run_id, const char *message_id);
+/* PushMessages delivered a reply (emits message.reply, maybe round.end). */
+void fs_fed_reply_msg(uint64_t now_ms, const fs_fed_reply *r);
+
+/* Emits node.offline for silent nodes and overdue message.dispatch.  Call
+ * about once a second. */
+void fs_fed_tick(uint64_t now_ms);
+
+/* For metrics. */
+uint64_t fs_fed_nodes_active(void);
+int64_t fs_fed_current_round(uint64_t *run_id);
+
+/* Reads `server-round` from a ConfigRecord body (protobuf).  Returns 0 and
+ * |*round|, or -1 when absent or malformed. */
+int fs_fed_parse_server_round(const uint8_t *body, size_t len, int64_t *round);
+
+#endif
