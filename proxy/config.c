@@ -16,7 +16,7 @@
 enum {
   OPT_LISTEN = 256, OPT_UPSTREAM, OPT_ADMIN, OPT_TLS, OPT_NO_TLS, OPT_TLS_CA, OPT_TLS_CERT, OPT_TLS_KEY,
   OPT_TLS_DIR, OPT_TLS_SAN, OPT_TLS_SERVER_NAME, OPT_LOG_FORMAT, OPT_LOG_LEVEL, OPT_LOG_FILE, OPT_METRICS,
-  OPT_NO_METRICS, OPT_KA_TIME, OPT_KA_TIMEOUT, OPT_BO_INITIAL, OPT_BO_MAX, OPT_CONNECT_TIMEOUT,
+  OPT_NO_METRICS, OPT_OBSERVE, OPT_NO_OBSERVE, OPT_KA_TIME, OPT_KA_TIMEOUT, OPT_BO_INITIAL, OPT_BO_MAX, OPT_CONNECT_TIMEOUT,
   OPT_HANDSHAKE_TIMEOUT, OPT_IDLE_TIMEOUT, OPT_DRAIN_TIMEOUT, OPT_MAX_STREAMS, OPT_MAX_HEADER_LIST,
   OPT_MAX_MESSAGE, OPT_STREAM_WINDOW, OPT_CONN_WINDOW, OPT_UPSTREAM_CONNS, OPT_HELP, OPT_VERSION
 };
@@ -38,6 +38,8 @@ static const struct option long_opts[] = {
   {"log-file", required_argument, 0, OPT_LOG_FILE},
   {"metrics", no_argument, 0, OPT_METRICS},
   {"no-metrics", no_argument, 0, OPT_NO_METRICS},
+  {"observe", no_argument, 0, OPT_OBSERVE},
+  {"no-observe", no_argument, 0, OPT_NO_OBSERVE},
   {"keepalive-time", required_argument, 0, OPT_KA_TIME},
   {"keepalive-timeout", required_argument, 0, OPT_KA_TIMEOUT},
   {"backoff-initial", required_argument, 0, OPT_BO_INITIAL},
@@ -98,6 +100,7 @@ void fs_config_usage(void) {
       "  --log-level LEVEL             [FL_LOG_LEVEL] DEBUG, INFO, WARNING, ERROR (INFO)\n"
       "  --log-file PATH               append events to PATH instead of stdout\n"
       "  --metrics / --no-metrics      [FL_METRICS_ENABLED] serve /metrics on the admin port (YES)\n"
+      "  --observe / --no-observe      decode Fleet calls into node/message/round events (on)\n"
       "  --help, --version\n"
       "\n"
       "Exit status: 0 clean shutdown, 1 runtime failure, 2 bad configuration.\n",
@@ -193,6 +196,8 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
     if (parse_bool(v, &c->metrics) < 0) return fail(err, errlen, what, v, "expected YES or NO");
     return 0;
   case OPT_NO_METRICS: c->metrics = 0; return 0;
+  case OPT_OBSERVE: c->observe = 1; return 0;
+  case OPT_NO_OBSERVE: c->observe = 0; return 0;
   case OPT_TLS_CA: c->tls_ca = v, c->tls_ca_from = what; return *v ? 0 : fail(err, errlen, what, v, "empty");
   case OPT_TLS_CERT: c->tls_cert = v, c->tls_cert_from = what; return *v ? 0 : fail(err, errlen, what, v, "empty");
   case OPT_TLS_KEY: c->tls_key = v, c->tls_key_from = what; return *v ? 0 : fail(err, errlen, what, v, "empty");
@@ -265,6 +270,7 @@ static void set_defaults(fs_config *c) {
   c->log_format = FS_LOG_JSON;
   c->log_level = FS_LOG_INFO;
   c->metrics = 1;
+  c->observe = 1;
   c->keepalive_time_s = 30;
   c->keepalive_timeout_s = 10;
   c->backoff_initial_s = node ? 10 : 1;

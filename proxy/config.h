@@ -38,6 +38,7 @@ typedef struct fs_config {
   fs_log_level log_level;
   const char *log_file;
   int metrics;
+  int observe;             /* decode Fleet calls into events */
   double keepalive_time_s;
   double keepalive_timeout_s;
   double backoff_initial_s;

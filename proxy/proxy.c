@@ -673,7 +673,7 @@ static void on_request_headers(call *c, const nghttp2_frame *frame) {
   if (c->path) {
     nghttp2_vec p = nghttp2_rcbuf_get_buf(c->path);
     c->method = (uint8_t)fs_fleet_method_of(p.base, p.len);
-    if (c->method != FS_FLEET_NONE) c->obs = fs_obs_start(p.base, p.len, c->leg[DOWN].conn->h2.peer);
+    if (c->method != FS_FLEET_NONE && P.cfg->observe) c->obs = fs_obs_start(p.base, p.len, c->leg[DOWN].conn->h2.peer);
   }
   route_call(c);
 }
