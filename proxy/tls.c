@@ -414,6 +414,11 @@ SSL_CTX *fs_tls_server_ctx(const fs_config *cfg, char *err, size_t errlen) {
   fs_event ev;
   if (!ctx) return snprintf(err, errlen, "SSL_CTX_new: %s", fs_tls_error_string("failed")), NULL;
   SSL_CTX_set_alpn_select_cb(ctx, alpn_select, NULL);
+  /* SuperNodes hold one connection for their life and gRPC clients do not
+   * resume sessions by default: tickets and a session cache would cost CPU
+   * on every handshake and memory on every connection for nothing. */
+  SSL_CTX_set_num_tickets(ctx, 0);
+  SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
   if (cfg->tls_cert) {
     if (load_setting(cfg->tls_cert, cfg->tls_cert_from, &cert, &cert_src, err, errlen) ||
         load_setting(cfg->tls_key, cfg->tls_key_from, &key, &key_src, err, errlen))
