@@ -92,6 +92,30 @@ void fs_bufq_drop(fs_bufq *q, size_t n) {
   }
 }
 
+void fs_bufq_keep(fs_bufq *q, size_t n) {
+  fs_block *b = q->head, *rest;
+  size_t seen = 0;
+  if (n >= q->len) return;
+  if (n == 0) {
+    fs_bufq_reset(q);
+    return;
+  }
+  while (seen + (b->end - b->start) < n) {
+    seen += b->end - b->start;
+    b = b->next;
+  }
+  b->end = b->start + (uint32_t)(n - seen);
+  rest = b->next;
+  b->next = NULL;
+  q->tail = b;
+  q->len = n;
+  while (rest) {
+    fs_block *next = rest->next;
+    block_put(rest);
+    rest = next;
+  }
+}
+
 void fs_bufq_reset(fs_bufq *q) {
   fs_block *b = q->head;
   while (b) {

@@ -39,6 +39,9 @@ size_t fs_bufq_copy(const fs_bufq *q, void *out, size_t n);
 /* Removes |n| bytes (at most q->len) from the front. */
 void fs_bufq_drop(fs_bufq *q, size_t n);
 
+/* Keeps the first |n| bytes and frees the rest. */
+void fs_bufq_keep(fs_bufq *q, size_t n);
+
 /* Frees every block. */
 void fs_bufq_reset(fs_bufq *q);
 

@@ -177,17 +177,31 @@ static void start_write(fs_h2conn *c) {
 }
 
 static void flush(fs_h2conn *c) {
-  if (c->session && c->tls_ready) {
-    int rv = nghttp2_session_send(c->session);
-    if (rv != 0) {
-      fs_h2conn_close(c, nghttp2_strerror(rv));
+  int pass;
+  /* nghttp2 stops at the output high-water mark; when the socket then takes
+   * everything at once, nothing else would wake this connection: go on while
+   * there is progress and more to send. */
+  for (pass = 0;; pass++) {
+    uint64_t before = c->bytes_out + c->outq.len;
+    if (c->session && c->tls_ready) {
+      int rv = nghttp2_session_send(c->session);
+      if (rv != 0) {
+        fs_h2conn_close(c, nghttp2_strerror(rv));
+        return;
+      }
+    }
+    if (c->ssl) stage_flush(c);
+    if (c->closing) return;
+    start_write(c);
+    if (c->closing) return;
+    if (c->inflight || c->outq.len || !c->session || !c->tls_ready || !nghttp2_session_want_write(c->session) ||
+        c->bytes_out + c->outq.len == before)
+      break;
+    if (pass == 64) { /* let other connections have a turn */
+      fs_h2conn_mark(c);
       return;
     }
   }
-  if (c->ssl) stage_flush(c);
-  if (c->closing) return;
-  start_write(c);
-  if (c->closing) return;
   if (c->close_after_flush && c->outq.len == 0) {
     fs_h2conn_close(c, c->close_reason[0] ? c->close_reason : "done");
     return;

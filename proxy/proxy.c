@@ -51,6 +51,7 @@ typedef struct flow {
   uint8_t eof;      /* END_STREAM received */
   uint8_t deferred; /* the sink's data provider waits for data */
   uint8_t discard;  /* the sink is gone: consume and drop */
+  size_t promised;  /* bytes a DATA frame of the sink's session will take: never dropped */
 } flow;
 
 typedef struct pconn pconn;
@@ -326,12 +327,25 @@ static void consume(call *c, int side, size_t n) {
   fs_h2conn_mark(&pc->h2);
 }
 
-/* Drops what fl[side] holds and everything that arrives later. */
+/* Drops what fl[side] holds (except what an nghttp2 DATA frame was already
+ * promised) and everything that arrives later. */
 static void flow_discard(call *c, int side) {
   flow *f = &c->fl[side];
   f->discard = 1;
-  consume(c, side, f->data.len);
-  fs_bufq_reset(&f->data);
+  if (f->data.len <= f->promised) return;
+  consume(c, side, f->data.len - f->promised);
+  fs_bufq_keep(&f->data, f->promised);
+}
+
+static void rst_leg(call *c, int side, uint32_t code);
+
+/* Cancels the upstream stream.  The leg stays attached until nghttp2 closes
+ * the stream (on_stream_close): until then a DATA frame of it may still be
+ * in flight inside the session, pointing at this call. */
+static void cancel_up(call *c, uint32_t code) {
+  if (!c->leg[UP].conn) return;
+  rst_leg(c, UP, code);
+  flow_discard(c, DOWN);
 }
 
 static void detach(call *c, int side) {
@@ -414,10 +428,7 @@ static void fail_call(call *c, int status, const char *fmt, ...) {
   vsnprintf(c->synth_msg, sizeof(c->synth_msg), fmt, ap);
   va_end(ap);
   queue_del(c);
-  if (c->leg[UP].conn) {
-    rst_leg(c, UP, NGHTTP2_CANCEL);
-    detach(c, UP);
-  }
+  cancel_up(c, NGHTTP2_CANCEL);
   flow_discard(c, DOWN);
   if (!d || c->finished) return; /* the caller frees a call with no legs */
   c->finished = 1;
@@ -436,6 +447,7 @@ static void fail_call(call *c, int status, const char *fmt, ...) {
     nv[3].valuelen = fs_grpc_message_encode(enc, sizeof(enc), c->synth_msg);
     c->resp_started = 1;
     c->fl[UP].eof = 1;
+    flow_discard(c, UP); /* nothing more of the upstream's answer goes out */
     nghttp2_submit_response(d->h2.session, c->leg[DOWN].sid, nv, 4, NULL);
   } else {
     /* Headers went out: end with trailers after what is already queued. */
@@ -443,6 +455,7 @@ static void fail_call(call *c, int status, const char *fmt, ...) {
     c->synth_status = status;
     hdrs_clear(&c->fl[UP].trailers);
     c->fl[UP].eof = 1;
+    c->fl[UP].discard = 1; /* what is buffered goes out, then our trailers */
     c->fl[UP].deferred = 1;
     resume(c, DOWN);
   }
@@ -488,6 +501,7 @@ static ssize_t read_cb(nghttp2_session *s, int32_t sid, uint8_t *buf, size_t len
   }
   n = f->data.len < length ? f->data.len : length;
   if (n) *flags |= NGHTTP2_DATA_FLAG_NO_COPY;
+  f->promised = n;
   if (n == f->data.len && f->eof) {
     *flags |= NGHTTP2_DATA_FLAG_EOF;
     if (has_trailers(c, sink)) {
@@ -532,6 +546,7 @@ static int send_data_cb(nghttp2_session *s, nghttp2_frame *frame, const uint8_t 
     fs_h2conn_write(&pc->h2, zeros, padlen - 1);
   }
   fs_bufq_drop(&f->data, length);
+  f->promised = 0;
   /* The bytes are on their way: let the sender send more. */
   consume(c, !sink, length);
   return 0;
@@ -834,10 +849,7 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
     }
   } else {
     queue_del(c);
-    if (c->leg[UP].conn) {
-      rst_leg(c, UP, code ? code : NGHTTP2_CANCEL);
-      detach(c, UP);
-    }
+    cancel_up(c, code ? code : NGHTTP2_CANCEL);
   }
   maybe_free(c);
   return 0;
@@ -937,10 +949,7 @@ static void down_closing(fs_h2conn *h, const char *reason) {
     call *c = d->calls;
     detach(c, DOWN);
     queue_del(c);
-    if (c->leg[UP].conn) {
-      rst_leg(c, UP, NGHTTP2_CANCEL);
-      detach(c, UP);
-    }
+    cancel_up(c, NGHTTP2_CANCEL);
     maybe_free(c);
   }
   if (d->opened) {
