@@ -121,6 +121,10 @@ demo: deps
 	$(MAKE) all
 	/usr/bin/python3 deploy/demo.py
 
+# Side by side with nginx and HAProxy: see bench/README.md (about 5 minutes).
+bench: $(BUILD)/flower-sidecar
+	bench/run
+
 install: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
 	install -D -m 0755 $(BUILD)/flower-sidecar $(DESTDIR)$(PREFIX)/bin/flower-sidecar
 	install -D -m 0755 $(BUILD)/flower-probe $(DESTDIR)$(PREFIX)/bin/flower-probe
