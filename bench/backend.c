@@ -12,6 +12,7 @@
  *                  the response payload size; the rest (e.g. field 2 padding,
  *                  for uploads) is counted and dropped, never buffered.
  *   /bench.B/Fail  Trailers-Only FAILED_PRECONDITION "bench: failed as asked".
+ *   /flwr.proto.Fleet/<any>  like Echo (to time the sidecar's Fleet observer).
  * A request header "bench-trailer: V" comes back as a response trailer.
  *
  * Success counters live in STATSFILE (mmap'ed, struct bench_stats below), so
@@ -243,6 +244,8 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *f, const uint8_t *
     if (valuelen == 13 && !memcmp(value, "/bench.B/Echo", 13)) st->method = M_ECHO;
     else if (valuelen == 13 && !memcmp(value, "/bench.B/Size", 13)) st->method = M_SIZE;
     else if (valuelen == 13 && !memcmp(value, "/bench.B/Fail", 13)) st->method = M_FAIL;
+    /* Fleet paths are echoed: lets the bench time the sidecar's observer. */
+    else if (valuelen > 18 && !memcmp(value, "/flwr.proto.Fleet/", 18)) st->method = M_ECHO;
   } else if (namelen == 13 && !memcmp(name, "bench-trailer", 13) && valuelen < sizeof(st->trailer)) {
     memcpy(st->trailer, value, valuelen);
     st->trailer_len = valuelen;

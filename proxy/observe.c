@@ -10,14 +10,19 @@
 #include "grpcmsg.h"
 #include "log.h"
 
+/* Messages up to this size are kept inside the observer: Fleet polling
+ * (PullMessages, heartbeats) then costs no allocation. */
+#define OBS_INLINE 256
+
 typedef struct obs_dir {
   fs_grpcmsg split;
-  uint8_t *buf;      /* prefix of the first message */
+  uint8_t *buf;      /* prefix of the first message (inline or malloc'd) */
   uint32_t len;      /* bytes in buf */
   uint32_t declared; /* the first message's length */
   uint8_t flags;     /* its compressed flag */
   uint8_t begun, done;
   uint64_t bytes;    /* DATA bytes seen this way */
+  uint8_t inline_buf[OBS_INLINE];
 } obs_dir;
 
 struct fs_obs {
@@ -45,7 +50,8 @@ static int on_begin(void *ud, uint8_t flags, uint32_t len) {
   d->begun = 1;
   d->flags = flags;
   d->declared = len;
-  if (len && !(d->buf = malloc(len < FS_OBS_PREFIX ? len : FS_OBS_PREFIX))) d->declared = 0;
+  if (len <= OBS_INLINE) d->buf = d->inline_buf;
+  else if (!(d->buf = malloc(len < FS_OBS_PREFIX ? len : FS_OBS_PREFIX))) d->declared = 0;
   return 0;
 }
 
@@ -70,7 +76,11 @@ fs_obs *fs_obs_start(const uint8_t *path, size_t len, const char *peer) {
   fs_obs *o;
   if (m == FS_FLEET_NONE || !(o = calloc(1, sizeof(*o)))) return NULL;
   o->method = m;
-  snprintf(o->peer, sizeof(o->peer), "%s", peer ? peer : "");
+  if (peer) {
+    size_t pl = strlen(peer);
+    if (pl >= sizeof(o->peer)) pl = sizeof(o->peer) - 1;
+    memcpy(o->peer, peer, pl);
+  }
   fs_grpcmsg_init(&o->d[0].split, UINT32_MAX);
   fs_grpcmsg_init(&o->d[1].split, UINT32_MAX);
   return o;
@@ -198,11 +208,40 @@ static void collect_ids(const Flwr__Proto__ObjectTree *t, const char **ids, size
   for (i = 0; i < t->n_children; i++) collect_ids(t->children[i], ids, n);
 }
 
+/* Nonzero when field |num| is present in a kept first message. */
+static int has_field(const obs_dir *d, uint32_t num) {
+  const uint8_t *p = d->buf, *end = d->buf + d->len;
+  fs_pb_field f;
+  while (fs_pb_next(&p, end, &f) == 1)
+    if (f.num == num) return 1;
+  return 0;
+}
+
+/* The node id of a request whose field 1 is `Node node` (most Fleet
+ * requests), read without unpacking; 0 when absent. */
+static uint64_t request_node_id(const fs_obs *o) {
+  const obs_dir *d = &o->d[0];
+  const uint8_t *p = d->buf, *end = d->buf + d->len;
+  fs_pb_field f, g;
+  if (!d->done || (d->flags & 1)) return 0;
+  while (fs_pb_next(&p, end, &f) == 1)
+    if (f.num == 1 && f.wire == 2) {
+      const uint8_t *q = f.data;
+      while (fs_pb_next(&q, f.data + f.len, &g) == 1)
+        if (g.num == 1 && g.wire == 0) return g.value;
+    }
+  return 0;
+}
+
 static void emit_pull_messages(const fs_obs *o) {
-  Flwr__Proto__PullMessagesRequest *rq = (void *)unpack(o, 0, &flwr__proto__pull_messages_request__descriptor);
-  Flwr__Proto__PullMessagesResponse *rs = (void *)unpack(o, 1, &flwr__proto__pull_messages_response__descriptor);
+  Flwr__Proto__PullMessagesResponse *rs = NULL;
+  uint64_t node_id = request_node_id(o);
   size_t i;
-  if (rq) fs_fed_node_seen(now(), node_of(rq->node));
+  fs_fed_node_seen(now(), node_id);
+  /* Polling mostly finds nothing: unpack only an answer that has messages. */
+  if (o->d[1].done && o->d[1].len == o->d[1].declared && !(o->d[1].flags & 1) && !has_field(&o->d[1], 2))
+    return;
+  rs = (void *)unpack(o, 1, &flwr__proto__pull_messages_response__descriptor);
   if (rs) {
     for (i = 0; i < rs->n_messages_list; i++) {
       const Flwr__Proto__Metadata *md = rs->messages_list[i]->metadata;
@@ -211,7 +250,7 @@ static void emit_pull_messages(const fs_obs *o) {
       size_t n = 0;
       fs_fed_dispatch d;
       collect_ids(t, ids, &n);
-      d.node_id = rq ? node_of(rq->node) : 0;
+      d.node_id = node_id;
       d.run_id = md ? md->run_id : 0;
       d.message_id = md ? md->message_id : "";
       d.message_type = md ? md->message_type : "";
@@ -222,7 +261,6 @@ static void emit_pull_messages(const fs_obs *o) {
       (void)tree_size;
     }
   }
-  if (rq) protobuf_c_message_free_unpacked(&rq->base, NULL);
   if (rs) protobuf_c_message_free_unpacked(&rs->base, NULL);
 }
 
@@ -368,7 +406,7 @@ static void emit(const fs_obs *o) {
 void fs_obs_finish(fs_obs *o, int grpc_status) {
   if (!o) return;
   if (grpc_status == 0) emit(o);
-  free(o->d[0].buf);
-  free(o->d[1].buf);
+  if (o->d[0].buf != o->d[0].inline_buf) free(o->d[0].buf);
+  if (o->d[1].buf != o->d[1].inline_buf) free(o->d[1].buf);
   free(o);
 }
