@@ -445,7 +445,9 @@ void fs_fed_node_activated(uint64_t now, uint64_t node_id, double hb) {
   if (!n->active) F.active++;
   n->active = 1;
   n->offline = 0;
-  n->hb_s = hb > 0 ? hb : 30;
+  /* A node's own number: keep it sane (NaN, negative, absurd) before any
+   * arithmetic with it. */
+  n->hb_s = hb >= 1 && hb <= 86400 ? hb : (hb > 86400 ? 86400 : 30);
   n->last_seen_ms = now;
 }
 

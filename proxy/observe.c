@@ -149,11 +149,13 @@ static void walk_content(walked *w, const fs_pb_field *f) {
 /* PushObjectRequest (dir 0) or PullObjectResponse (dir 1). */
 static int walk_object(const fs_obs *o, int dir, walked *w) {
   const obs_dir *d = &o->d[dir];
-  const uint8_t *p = d->buf, *end = d->buf + d->len;
+  const uint8_t *p = d->buf, *end;
   fs_pb_field f;
   int rv;
   memset(w, 0, sizeof(*w));
   if (!d->begun || (d->flags & 1)) return undecoded(o, dir, d->begun ? "compressed" : "no message"), -1;
+  if (!p) return 0; /* an empty message: no fields */
+  end = p + d->len;
   while ((rv = fs_pb_next(&p, end, &f)) == 1) {
     if (dir == 0) {
       if (f.num == 1 && f.wire == 2) {
@@ -210,8 +212,10 @@ static void collect_ids(const Flwr__Proto__ObjectTree *t, const char **ids, size
 
 /* Nonzero when field |num| is present in a kept first message. */
 static int has_field(const obs_dir *d, uint32_t num) {
-  const uint8_t *p = d->buf, *end = d->buf + d->len;
+  const uint8_t *p = d->buf, *end;
   fs_pb_field f;
+  if (!p) return 0;
+  end = p + d->len;
   while (fs_pb_next(&p, end, &f) == 1)
     if (f.num == num) return 1;
   return 0;
@@ -221,9 +225,10 @@ static int has_field(const obs_dir *d, uint32_t num) {
  * requests), read without unpacking; 0 when absent. */
 static uint64_t request_node_id(const fs_obs *o) {
   const obs_dir *d = &o->d[0];
-  const uint8_t *p = d->buf, *end = d->buf + d->len;
+  const uint8_t *p = d->buf, *end;
   fs_pb_field f, g;
-  if (!d->done || (d->flags & 1)) return 0;
+  if (!p || !d->done || (d->flags & 1)) return 0;
+  end = p + d->len;
   while (fs_pb_next(&p, end, &f) == 1)
     if (f.num == 1 && f.wire == 2) {
       const uint8_t *q = f.data;
