@@ -11,7 +11,7 @@ PYGEN    := $(BUILD)/py
 DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
             libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
             libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-cryptography \
-            nghttp2-client openssl iproute2 nftables clang libclang-rt-14-dev valgrind
+            nghttp2-client openssl iproute2 nftables clang libclang-rt-14-dev valgrind prometheus
 
 PKGS     := libuv openssl libnghttp2 libprotobuf-c
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -39,7 +39,7 @@ UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
 UNIT_ASAN   := $(patsubst tests/unit/%.c,$(BUILD)/unit-asan/%,$(UNIT_SRC))
 
-.PHONY: all deps test unit unit-asan integration demo install clean bench fuzz proto-py
+.PHONY: all deps test unit unit-asan integration demo install clean bench fuzz fuzz-corpus fuzz-seeds proto-py
 all: $(BUILD)/flower-sidecar $(BUILD)/flower-probe proto-py
 
 deps:
@@ -115,7 +115,32 @@ test: deps
 	$(MAKE) all
 	$(MAKE) unit
 	$(MAKE) unit-asan
+	$(MAKE) fuzz-corpus
 	$(MAKE) integration
+
+# libFuzzer (clang) on the Fleet observer, fedstate, the gRPC message
+# splitter and the event logger: tests/fuzz/fuzz_observe.c.  `make fuzz`
+# explores for FUZZ_TIME seconds (new inputs go to build/fuzz-corpus);
+# `make fuzz-corpus` replays the kept seeds and past crashes (in `make test`);
+# `make fuzz-seeds` rebuilds the seeds from the emulator's protos.
+FUZZ_CC   ?= clang
+FUZZ_TIME ?= 60
+FUZZ_SRC  := proxy/observe.c proxy/fedstate.c proxy/fleet.c proxy/grpcmsg.c proxy/log.c $(GEN)/fleet.pb-c.c
+
+$(BUILD)/fuzz_observe: tests/fuzz/fuzz_observe.c $(FUZZ_SRC) $(PROTO_H) $(wildcard proxy/*.h)
+	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+	  -Iproxy -I$(GEN) $(PKG_CFLAGS) -o $@ tests/fuzz/fuzz_observe.c $(FUZZ_SRC) $(PKG_LIBS) -lm
+
+fuzz-corpus: $(BUILD)/fuzz_observe
+	$(BUILD)/fuzz_observe -runs=0 tests/fuzz/corpus tests/fuzz/crashes
+
+fuzz: $(BUILD)/fuzz_observe
+	@mkdir -p $(BUILD)/fuzz-corpus
+	$(BUILD)/fuzz_observe -max_total_time=$(FUZZ_TIME) -timeout=10 -rss_limit_mb=1024 \
+	  -artifact_prefix=$(BUILD)/ $(BUILD)/fuzz-corpus tests/fuzz/corpus
+
+fuzz-seeds: proto-py
+	/usr/bin/python3 tests/fuzz/gen_corpus.py tests/fuzz/corpus
 
 demo: deps
 	$(MAKE) all

@@ -357,9 +357,11 @@ static void http_request(aconn *c) {
     }
   } else if (!strcmp(target, "/metrics") && A.cfg->metrics) {
     const fs_proxy_stats *ps = fs_proxy_get_stats();
+    fs_fed_run runs[FS_FED_RUNS];
     fs_metrics_sample smp = {ps->conns_current, ps->conns_total, ps->tls_failures, fs_proxy_upstream_up(),
                              ps->upstream_connects, current(&reason) == FS_HEALTH_SERVING, fs_log_dropped(),
-                             fs_fed_nodes_active()};
+                             fs_fed_nodes_active(), runs, 0};
+    smp.n_runs = fs_fed_runs(runs);
     size_t cap = 256 * 1024, n;
     char *text = malloc(cap);
     if (!text || !(n = fs_metrics_render(text, cap, &smp))) {

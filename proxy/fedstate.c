@@ -11,9 +11,8 @@ typedef struct fnode {
   uint64_t id;
   uint64_t last_seen_ms;
   double hb_s;
-  uint64_t cur_run;   /* the round its latest instruction belongs to */
-  int64_t cur_round;  /* -1: none */
-  char cur_type[24];
+  uint64_t cur_serial; /* the round its latest instruction belongs to */
+  int64_t cur_round;    /* -1: not known (yet) */
   uint64_t pend_in, pend_out; /* object bytes before its round was known */
   uint32_t pushes_left;       /* objects its reply still has to push */
   uint8_t used, active, offline;
@@ -21,8 +20,7 @@ typedef struct fnode {
 
 typedef struct fmsg {
   char id[FS_FED_ID_LEN + 1];
-  char type[24];
-  char group[64];
+  char *type, *group; /* owned; at most FS_FED_STR_MAX bytes */
   uint64_t node_id, run_id, t_dispatch;
   int64_t round;         /* -1 unknown */
   uint32_t n_objects;
@@ -32,8 +30,8 @@ typedef struct fmsg {
 
 #define MAX_ROUNDS 32
 typedef struct fround {
-  uint64_t run_id;
-  char type[24];
+  uint64_t run_id, serial;
+  char type[FS_FED_STR_MAX + 1];
   int64_t round;
   uint64_t t_start;
   uint32_t nodes, replies, errors, missing; /* missing: went offline without replying */
@@ -58,11 +56,48 @@ static struct {
   uint64_t offline; /* of those, silent too long */
   int64_t last_round;
   uint64_t last_round_run;
+  uint64_t round_serial;
+  fs_fed_run runs[FS_FED_RUNS];
 } F;
+
+/* The run's counters; the least recently seen run makes room. */
+static fs_fed_run *run_get(uint64_t now, uint64_t run_id) {
+  fs_fed_run *r = NULL, *oldest = &F.runs[0];
+  int i;
+  for (i = 0; i < FS_FED_RUNS && !r; i++) {
+    if (F.runs[i].last_ms && F.runs[i].run_id == run_id) r = &F.runs[i];
+    else if (F.runs[i].last_ms < oldest->last_ms) oldest = &F.runs[i];
+  }
+  if (!r) {
+    r = oldest;
+    memset(r, 0, sizeof(*r));
+    r->run_id = run_id;
+    r->round = -1;
+  }
+  r->last_ms = now ? now : 1; /* 0 marks a free slot */
+  return r;
+}
+
+size_t fs_fed_runs(fs_fed_run *out) {
+  size_t n = 0, i, j;
+  for (i = 0; i < FS_FED_RUNS; i++) {
+    if (!F.runs[i].last_ms) continue;
+    for (j = n; j > 0 && out[j - 1].last_ms < F.runs[i].last_ms; j--) out[j] = out[j - 1];
+    out[j] = F.runs[i];
+    n++;
+  }
+  return n;
+}
+
+static void msg_free(fmsg *m) {
+  free(m->objects);
+  free(m->type);
+  free(m->group);
+}
 
 void fs_fed_reset(void) {
   size_t i;
-  for (i = 0; i < F.msgs_cap; i++) free(F.msgs[i].objects);
+  for (i = 0; i < F.msgs_cap; i++) msg_free(&F.msgs[i]);
   free(F.nodes);
   free(F.msgs);
   memset(&F, 0, sizeof(F));
@@ -149,7 +184,7 @@ static void msgs_compact(void) {
   for (j = 0; j < cap; j++) {
     if (!old[j].used) continue;
     if (old[j].replied) {
-      free(old[j].objects);
+      msg_free(&old[j]);
       continue;
     }
     {
@@ -189,6 +224,29 @@ static void copy(char *dst, size_t cap, const char *s) {
 }
 
 /* --- rounds ------------------------------------------------------------------- */
+
+/* An owned copy of |s| cut to FS_FED_STR_MAX bytes (never inside a UTF-8
+ * sequence); NULL when out of memory. */
+static char *dup_str(const char *s) {
+  size_t n = s ? strlen(s) : 0;
+  char *d;
+  if (n > FS_FED_STR_MAX) {
+    n = FS_FED_STR_MAX;
+    while (n > 0 && ((uint8_t)s[n] & 0xC0) == 0x80) n--;
+  }
+  if (!(d = malloc(n + 1))) return NULL;
+  if (n) memcpy(d, s, n);
+  d[n] = '\0';
+  return d;
+}
+
+static fround *round_of_node(const fnode *n) {
+  int i;
+  if (!n || n->cur_round < 0) return NULL;
+  for (i = 0; i < MAX_ROUNDS; i++)
+    if (F.rounds[i].open && F.rounds[i].serial == n->cur_serial) return &F.rounds[i];
+  return NULL;
+}
 
 static fround *round_find(uint64_t run_id, const char *type, int64_t round) {
   int i;
@@ -242,6 +300,7 @@ static fround *round_join(uint64_t now, const fmsg *m) {
   memset(slot, 0, sizeof(*slot));
   slot->open = 1;
   slot->run_id = m->run_id;
+  slot->serial = ++F.round_serial;
   copy(slot->type, sizeof(slot->type), m->type);
   slot->round = m->round;
   slot->t_start = now;
@@ -273,13 +332,17 @@ static void announce(uint64_t now, fmsg *m) {
     fnode *n = node_get(m->node_id, 0);
     fround *r = round_join(now, m);
     if (n) {
-      n->cur_run = m->run_id;
+      n->cur_serial = r->serial;
       n->cur_round = m->round;
-      copy(n->cur_type, sizeof(n->cur_type), m->type);
       r->bytes_in += n->pend_in;
       r->bytes_out += n->pend_out;
       n->pend_in = n->pend_out = 0;
     }
+  }
+  {
+    fs_fed_run *run = run_get(now, m->run_id);
+    run->instructions++;
+    if (m->round >= 0) run->round = m->round;
   }
   if (fs_ev_begin(&ev, FS_LOG_INFO, "message.dispatch")) {
     fs_ev_id(&ev, "node_id", m->node_id);
@@ -302,20 +365,25 @@ static int64_t cached_round(const char *object_id) {
   return -1;
 }
 
+/* An instruction that is not tracked: say what we know now. */
+static void dispatch_untracked(const fs_fed_dispatch *d) {
+  fs_event ev;
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "message.dispatch")) {
+    fs_ev_id(&ev, "node_id", d->node_id);
+    fs_ev_id(&ev, "run_id", d->run_id);
+    fs_ev_str(&ev, "message_id", d->message_id);
+    fs_ev_str(&ev, "message_type", d->message_type);
+    fs_ev_str(&ev, "group_id", d->group_id);
+    fs_ev_u64(&ev, "objects", d->n_objects);
+    fs_ev_end(&ev);
+  }
+}
+
 void fs_fed_dispatch_msg(uint64_t now, const fs_fed_dispatch *d) {
   fmsg *m = d->message_id ? msg_add(d->message_id) : NULL;
   size_t i;
-  if (!m) { /* not tracked: say what we know now */
-    fs_event ev;
-    if (fs_ev_begin(&ev, FS_LOG_INFO, "message.dispatch")) {
-      fs_ev_id(&ev, "node_id", d->node_id);
-      fs_ev_id(&ev, "run_id", d->run_id);
-      fs_ev_str(&ev, "message_id", d->message_id);
-      fs_ev_str(&ev, "message_type", d->message_type);
-      fs_ev_str(&ev, "group_id", d->group_id);
-      fs_ev_u64(&ev, "objects", d->n_objects);
-      fs_ev_end(&ev);
-    }
+  if (!m) {
+    dispatch_untracked(d);
     return;
   }
   if (m->announced) return; /* handed out again: already told */
@@ -331,8 +399,18 @@ void fs_fed_dispatch_msg(uint64_t now, const fs_fed_dispatch *d) {
   m->t_dispatch = now;
   m->round = -1;
   m->n_objects = (uint32_t)d->n_objects;
-  copy(m->type, sizeof(m->type), d->message_type);
-  copy(m->group, sizeof(m->group), d->group_id);
+  free(m->type);
+  free(m->group);
+  m->type = dup_str(d->message_type);
+  m->group = dup_str(d->group_id);
+  if (!m->type || !m->group) { /* out of memory: forget it, say what we know */
+    m->replied = 1;
+    m->announced = 1;
+    free(m->type), free(m->group);
+    m->type = m->group = NULL;
+    dispatch_untracked(d);
+    return;
+  }
   for (i = 0; i < d->n_objects && m->round < 0; i++) m->round = cached_round(d->objects[i]);
   if (m->round >= 0) {
     announce(now, m);
@@ -378,7 +456,7 @@ void fs_fed_confirm(uint64_t now, uint64_t node_id, uint64_t run_id, const char 
 
 void fs_fed_object_bytes(uint64_t node_id, uint64_t bytes, int pulled) {
   fnode *n = node_get(node_id, 0);
-  fround *r = n && n->cur_round >= 0 ? round_find(n->cur_run, n->cur_type, n->cur_round) : NULL;
+  fround *r = round_of_node(n);
   if (n && n->cur_round < 0) {
     if (pulled) n->pend_out += bytes;
     else n->pend_in += bytes;
@@ -398,7 +476,7 @@ void fs_fed_object_bytes(uint64_t node_id, uint64_t bytes, int pulled) {
 
 void fs_fed_object_pushed(uint64_t now, uint64_t node_id) {
   fnode *n = node_get(node_id, 0);
-  fround *r = n && n->cur_round >= 0 ? round_find(n->cur_run, n->cur_type, n->cur_round) : NULL;
+  fround *r = round_of_node(n);
   if (r) round_maybe_end(now, r);
 }
 
@@ -407,6 +485,11 @@ void fs_fed_reply_msg(uint64_t now, const fs_fed_reply *rp) {
   fround *r = NULL;
   fs_event ev;
   if (m && !m->replied && m->round >= 0) r = round_find(m->run_id, m->type, m->round);
+  {
+    fs_fed_run *run = run_get(now, rp->run_id);
+    run->replies++;
+    if (rp->has_error) run->error_replies++;
+  }
   if (fs_ev_begin(&ev, FS_LOG_INFO, "message.reply")) {
     fs_ev_id(&ev, "node_id", rp->node_id);
     fs_ev_id(&ev, "run_id", rp->run_id);
@@ -497,7 +580,7 @@ void fs_fed_tick(uint64_t now) {
         }
       }
       if (n->pushes_left && n->cur_round >= 0) { /* its reply's objects will not come */
-        fround *r = round_find(n->cur_run, n->cur_type, n->cur_round);
+        fround *r = round_of_node(n);
         if (r) {
           r->pushes_pending -= n->pushes_left < r->pushes_pending ? n->pushes_left : r->pushes_pending;
           n->pushes_left = 0;
@@ -510,6 +593,9 @@ void fs_fed_tick(uint64_t now) {
     fmsg *m = &F.msgs[i];
     if (m->used && !m->announced && now >= m->t_dispatch + FS_FED_PENDING_MS) announce(now, m);
   }
+  /* A node awaited by a round may have left (offline, deactivated) without
+   * pulling its instruction: fewer nodes are awaited now. */
+  for (i = 0; i < MAX_ROUNDS; i++) round_maybe_end(now, &F.rounds[i]);
 }
 
 /* ConfigRecord: repeated Item items = 1; Item { string key = 1;

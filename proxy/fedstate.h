@@ -27,6 +27,7 @@
 #define FS_FED_MAX_TREE 64 /* object ids remembered per instruction */
 #define FS_FED_PENDING_MS 30000
 #define FS_FED_ID_LEN 64   /* SHA-256 hex */
+#define FS_FED_STR_MAX 1024 /* message_type, group_id: longer ones are cut */
 
 typedef struct fs_fed_dispatch {
   uint64_t node_id, run_id;
@@ -74,6 +75,20 @@ void fs_fed_tick(uint64_t now_ms);
 /* For metrics. */
 uint64_t fs_fed_nodes_active(void);
 int64_t fs_fed_current_round(uint64_t *run_id);
+
+/* Per run, for the FS_FED_RUNS runs most recently seen (older ones are
+ * forgotten, which keeps the metrics' run_id label bounded). */
+#define FS_FED_RUNS 8
+typedef struct fs_fed_run {
+  uint64_t run_id;
+  int64_t round;        /* latest server round, -1 none seen */
+  uint64_t instructions; /* message.dispatch */
+  uint64_t replies, error_replies;
+  uint64_t last_ms;
+} fs_fed_run;
+/* Copies up to FS_FED_RUNS runs into |out|, most recent first; returns how
+ * many. */
+size_t fs_fed_runs(fs_fed_run *out);
 
 /* Reads `server-round` from a ConfigRecord body (protobuf).  Returns 0 and
  * |*round|, or -1 when absent or malformed. */

@@ -106,6 +106,19 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   put(&o, "flower_sidecar_tls_handshake_failures_total %" PRIu64 "\n", s->tls_failures);
   head(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.");
   put(&o, "flower_sidecar_nodes_active %" PRIu64 "\n", s->nodes_active);
+  head(&o, "run_round", "gauge", "Latest server round of each recent run (-1: none seen).");
+  for (b = 0; b < s->n_runs; b++)
+    put(&o, "flower_sidecar_run_round{run_id=\"%" PRIu64 "\"} %" PRId64 "\n", s->runs[b].run_id, s->runs[b].round);
+  head(&o, "run_messages_total", "counter",
+       "Messages of each recent run (the 8 most recently active): instructions sent to nodes, replies, error replies.");
+  for (b = 0; b < s->n_runs; b++) {
+    put(&o, "flower_sidecar_run_messages_total{run_id=\"%" PRIu64 "\",kind=\"instruction\"} %" PRIu64 "\n", s->runs[b].run_id,
+        s->runs[b].instructions);
+    put(&o, "flower_sidecar_run_messages_total{run_id=\"%" PRIu64 "\",kind=\"reply\"} %" PRIu64 "\n", s->runs[b].run_id,
+        s->runs[b].replies);
+    put(&o, "flower_sidecar_run_messages_total{run_id=\"%" PRIu64 "\",kind=\"error_reply\"} %" PRIu64 "\n", s->runs[b].run_id,
+        s->runs[b].error_replies);
+  }
   head(&o, "health_serving", "gauge", "1 when grpc.health.v1 answers SERVING.");
   put(&o, "flower_sidecar_health_serving %d\n", s->serving ? 1 : 0);
   head(&o, "event_lines_dropped_total", "counter", "Event lines dropped because the output could not keep up.");

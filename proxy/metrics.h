@@ -10,6 +10,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fedstate.h"
 #include "fleet.h"
 
 /* A call ended with gRPC |status| (0..16; anything else counts as UNKNOWN)
@@ -26,6 +27,8 @@ typedef struct fs_metrics_sample {
   int serving;
   uint64_t dropped_lines;
   uint64_t nodes_active;
+  const fs_fed_run *runs; /* most recent first */
+  size_t n_runs;
 } fs_metrics_sample;
 
 /* Renders everything into |out| (capacity |cap|).  Returns the length, or

@@ -221,21 +221,43 @@ static int has_field(const obs_dir *d, uint32_t num) {
   return 0;
 }
 
-/* The node id of a request whose field 1 is `Node node` (most Fleet
- * requests), read without unpacking; 0 when absent. */
-static uint64_t request_node_id(const fs_obs *o) {
-  const obs_dir *d = &o->d[0];
-  const uint8_t *p = d->buf, *end;
+uint64_t fs_obs_node_id(const fs_obs *o) {
+  const obs_dir *d;
+  const uint8_t *p, *end;
   fs_pb_field f, g;
-  if (!p || !d->done || (d->flags & 1)) return 0;
+  int plain; /* uint64 node_id = 1, not Node node = 1 */
+  if (!o) return 0;
+  switch (o->method) {
+    case FS_FLEET_REGISTER_NODE:
+    case FS_FLEET_ACTIVATE_NODE: /* the request has no id; the answer gives it */
+      d = &o->d[1], plain = 1;
+      break;
+    case FS_FLEET_DEACTIVATE_NODE:
+    case FS_FLEET_UNREGISTER_NODE:
+      d = &o->d[0], plain = 1;
+      break;
+    default:
+      d = &o->d[0], plain = 0;
+  }
+  if (!(p = d->buf) || (d->flags & 1)) return 0;
   end = p + d->len;
-  while (fs_pb_next(&p, end, &f) == 1)
-    if (f.num == 1 && f.wire == 2) {
+  while (fs_pb_next(&p, end, &f) == 1) {
+    if (f.num != 1) continue;
+    if (plain) return f.wire == 0 ? f.value : 0;
+    if (f.wire != 2) return 0;
+    {
       const uint8_t *q = f.data;
       while (fs_pb_next(&q, f.data + f.len, &g) == 1)
         if (g.num == 1 && g.wire == 0) return g.value;
     }
+  }
   return 0;
+}
+
+/* The node id of a request whose field 1 is `Node node` (most Fleet
+ * requests), read without unpacking; 0 when absent. */
+static uint64_t request_node_id(const fs_obs *o) {
+  return o->d[0].done ? fs_obs_node_id(o) : 0;
 }
 
 static void emit_pull_messages(const fs_obs *o) {

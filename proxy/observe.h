@@ -33,6 +33,11 @@ void fs_obs_finish(fs_obs *o, int grpc_status);
 
 fs_fleet_method fs_obs_method(const fs_obs *o);
 
+/* The node a call is about (its request's `Node node = 1` or `node_id`; for
+ * RegisterNode and ActivateNode the id in the answer),
+ * read from as much of it as was kept; 0 when unknown or |o| is NULL. */
+uint64_t fs_obs_node_id(const fs_obs *o);
+
 /* The clock fedstate is fed with (ms). */
 void fs_obs_set_clock(uint64_t (*now_ms)(void));
 

@@ -69,6 +69,7 @@ struct call {
   hdrs head[2];        /* request headers until sent upstream; response headers */
   nghttp2_rcbuf *path; /* kept for events */
   fs_obs *obs;         /* Fleet observation, NULL for other methods */
+  uint64_t node_id;    /* the node the request named (observed), 0 unknown */
   uint64_t bytes[2];   /* gRPC payload bytes received on each leg */
   uint8_t method;      /* fs_fleet_method */
   uint8_t ended;       /* call_end() ran */
@@ -293,7 +294,10 @@ static void call_end(call *c, int status) {
   if (c->ended) return;
   c->ended = 1;
   fs_metrics_call((fs_fleet_method)c->method, status, fs_now_ms() - c->t_start, c->bytes[DOWN], c->bytes[UP]);
-  if (c->obs) fs_obs_finish(c->obs, status);
+  if (c->obs) {
+    c->node_id = fs_obs_node_id(c->obs); /* for rpc.error, logged after */
+    fs_obs_finish(c->obs, status);
+  }
   c->obs = NULL;
 }
 
@@ -394,6 +398,7 @@ static void log_rpc_error(call *c, int status, const char *msg, size_t msglen) {
   fs_ev_str(&ev, "method", method);
   fs_ev_i64(&ev, "grpc_status", status);
   fs_ev_strn(&ev, "grpc_message", msg, msglen);
+  if (c->node_id) fs_ev_id(&ev, "node_id", c->node_id);
   if (c->leg[DOWN].conn) fs_ev_str(&ev, "peer", c->leg[DOWN].conn->h2.peer);
   fs_ev_u64(&ev, "duration_ms", fs_now_ms() - c->t_start);
   fs_ev_end(&ev);
