@@ -360,8 +360,13 @@ static void http_request(aconn *c) {
     fs_fed_run runs[FS_FED_RUNS];
     fs_metrics_sample smp = {ps->conns_current, ps->conns_total, ps->tls_failures, fs_proxy_upstream_up(),
                              ps->upstream_connects, current(&reason) == FS_HEALTH_SERVING, fs_log_dropped(),
-                             fs_fed_nodes_active(), runs, 0};
+                             fs_fed_nodes_active(), runs, 0, 0, 0, 0, 0, 0};
     smp.n_runs = fs_fed_runs(runs);
+    smp.calls_held = ps->calls_held;
+    smp.calls_failed_down = ps->calls_failed_down;
+    smp.retries = ps->retries;
+    smp.pings = ps->pings;
+    smp.ping_rtt_s = (double)ps->ping_rtt_us / 1e6;
     size_t cap = 256 * 1024, n;
     char *text = malloc(cap);
     if (!text || !(n = fs_metrics_render(text, cap, &smp))) {

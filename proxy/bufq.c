@@ -135,3 +135,14 @@ void fs_bufq_global_free(void) {
   }
   nfree = 0;
 }
+
+void fs_bufq_prepend(fs_bufq *q, fs_bufq *front) {
+  if (!front->head) return;
+  front->tail->next = q->head;
+  if (!q->tail) q->tail = front->tail;
+  q->head = front->head;
+  q->len += front->len;
+  if (q->cap) q->cap += front->len;
+  front->head = front->tail = NULL;
+  front->len = 0;
+}

@@ -42,6 +42,10 @@ void fs_bufq_drop(fs_bufq *q, size_t n);
 /* Keeps the first |n| bytes and frees the rest. */
 void fs_bufq_keep(fs_bufq *q, size_t n);
 
+/* Moves every byte of |front| ahead of |q|'s (no copy); |front| is left
+ * empty.  |q|'s cap grows by what was moved. */
+void fs_bufq_prepend(fs_bufq *q, fs_bufq *front);
+
 /* Frees every block. */
 void fs_bufq_reset(fs_bufq *q);
 

@@ -18,7 +18,7 @@ enum {
   OPT_TLS_DIR, OPT_TLS_SAN, OPT_TLS_SERVER_NAME, OPT_LOG_FORMAT, OPT_LOG_LEVEL, OPT_LOG_FILE, OPT_METRICS,
   OPT_NO_METRICS, OPT_OBSERVE, OPT_NO_OBSERVE, OPT_KA_TIME, OPT_KA_TIMEOUT, OPT_BO_INITIAL, OPT_BO_MAX, OPT_CONNECT_TIMEOUT,
   OPT_HANDSHAKE_TIMEOUT, OPT_IDLE_TIMEOUT, OPT_DRAIN_TIMEOUT, OPT_MAX_STREAMS, OPT_MAX_HEADER_LIST,
-  OPT_MAX_MESSAGE, OPT_STREAM_WINDOW, OPT_CONN_WINDOW, OPT_UPSTREAM_CONNS, OPT_HELP, OPT_VERSION
+  OPT_MAX_MESSAGE, OPT_STREAM_WINDOW, OPT_CONN_WINDOW, OPT_UPSTREAM_CONNS, OPT_HOLD_TIMEOUT, OPT_RETRY_BUFFER, OPT_HELP, OPT_VERSION
 };
 
 static const struct option long_opts[] = {
@@ -54,6 +54,8 @@ static const struct option long_opts[] = {
   {"stream-window", required_argument, 0, OPT_STREAM_WINDOW},
   {"conn-window", required_argument, 0, OPT_CONN_WINDOW},
   {"upstream-conns", required_argument, 0, OPT_UPSTREAM_CONNS},
+  {"hold-timeout", required_argument, 0, OPT_HOLD_TIMEOUT},
+  {"retry-buffer", required_argument, 0, OPT_RETRY_BUFFER},
   {"help", no_argument, 0, OPT_HELP},
   {"version", no_argument, 0, OPT_VERSION},
   {0, 0, 0, 0}};
@@ -91,8 +93,15 @@ void fs_config_usage(void) {
       "  --idle-timeout S              close a downstream connection without calls for S; 0 = never (3600)\n"
       "  --connect-timeout S           upstream connect + HTTP/2 SETTINGS, per attempt (link 5, node 20)\n"
       "  --drain-timeout S             on SIGTERM/SIGINT, time for in-flight calls (10)\n"
-      "  --keepalive-time S            [FL_GRPC_KEEPALIVE_TIME] node: PING after S of upstream silence (30)\n"
-      "  --keepalive-timeout S         [FL_GRPC_KEEPALIVE_TIMEOUT] PING ACK deadline (10)\n"
+      "  --keepalive-time S            [FL_GRPC_KEEPALIVE_TIME] node: PING after S of upstream silence\n"
+      "                                while calls are open (30; doubled after GOAWAY too_many_pings)\n"
+      "  --keepalive-timeout S         [FL_GRPC_KEEPALIVE_TIMEOUT] node: no byte within S of a PING: the\n"
+      "                                connection is dead (10; also TCP_USER_TIMEOUT)\n"
+      "  --hold-timeout S              a call arriving while the upstream is down waits for it up to S\n"
+      "                                (and its grpc-timeout), then ends UNAVAILABLE; 0..300 (link 0, node 20)\n"
+      "  --retry-buffer N              node: request bytes kept per call so it can be repeated when that is\n"
+      "                                safe (upstream refused the stream, or a side-effect-free method lost\n"
+      "                                with its connection); 0 = never repeat (link 0, node 8M)\n"
       "  --backoff-initial S           [FL_EDGE_BACKOFF_INITIAL] reconnect delay (link 1, node 10)\n"
       "  --backoff-max S               [FL_EDGE_BACKOFF_MAX] reconnect delay cap (link 30, node 300)\n"
       "Logging:\n"
@@ -245,6 +254,10 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
     return parse_size(v, 65535, 1u << 30, &c->conn_window) ? fail(err, errlen, what, v, "expected bytes in [64K, 1G]") : 0;
   case OPT_UPSTREAM_CONNS:
     return parse_size(v, 1, 64, &c->upstream_conns_max) ? fail(err, errlen, what, v, "expected a count in [1, 64]") : 0;
+  case OPT_HOLD_TIMEOUT: /* the SuperLink refuses requests signed more than ~300 s ago */
+    return parse_seconds(v, 0, 300, &c->hold_timeout_s) ? fail(err, errlen, what, v, "expected seconds in [0, 300]") : 0;
+  case OPT_RETRY_BUFFER:
+    return parse_size(v, 0, 64u << 20, &c->retry_buffer) ? fail(err, errlen, what, v, "expected bytes in [0, 64M]") : 0;
   }
   return fail(err, errlen, what, v ? v : "", "unknown setting");
 }
@@ -285,6 +298,8 @@ static void set_defaults(fs_config *c) {
   c->stream_window = 256 * 1024;
   c->conn_window = 1024 * 1024;
   c->upstream_conns_max = node ? 1 : 8;
+  c->hold_timeout_s = node ? 20 : 0;
+  c->retry_buffer = node ? 8u << 20 : 0;
 }
 
 int fs_config_parse(fs_config *c, int argc, char **argv, char *err, size_t errlen) {

@@ -44,3 +44,26 @@ int fs_grpcmsg_feed(fs_grpcmsg *m, const uint8_t *p, size_t n, const fs_grpcmsg_
   }
   return 0;
 }
+
+int fs_grpc_timeout_ms(const uint8_t *v, size_t len, uint64_t *ms) {
+  uint64_t n = 0, per_unit_ns;
+  size_t i;
+  if (len < 2 || len > 9) return -1;
+  for (i = 0; i + 1 < len; i++) {
+    if (v[i] < '0' || v[i] > '9') return -1;
+    n = n * 10 + (uint64_t)(v[i] - '0');
+  }
+  switch (v[len - 1]) {
+  case 'H': per_unit_ns = 3600000000000ull; break;
+  case 'M': per_unit_ns = 60000000000ull; break;
+  case 'S': per_unit_ns = 1000000000ull; break;
+  case 'm': per_unit_ns = 1000000ull; break;
+  case 'u': per_unit_ns = 1000ull; break;
+  case 'n': per_unit_ns = 1ull; break;
+  default: return -1;
+  }
+  /* 8 digits of hours fit: 99999999 * 3.6e12 ns overflows, so work in ms. */
+  if (per_unit_ns >= 1000000ull) *ms = n * (per_unit_ns / 1000000ull);
+  else *ms = (n * per_unit_ns + 999999ull) / 1000000ull;
+  return 0;
+}

@@ -43,4 +43,8 @@ int fs_grpcmsg_feed(fs_grpcmsg *m, const uint8_t *p, size_t n, const fs_grpcmsg_
 /* Nonzero when the stream ended exactly on a message boundary. */
 int fs_grpcmsg_at_boundary(const fs_grpcmsg *m);
 
+/* Parses a `grpc-timeout` header value (1-8 digits and a unit H M S m u n).
+ * Returns 0 with *|ms| (rounded up to whole ms), or -1 when malformed. */
+int fs_grpc_timeout_ms(const uint8_t *v, size_t len, uint64_t *ms);
+
 #endif

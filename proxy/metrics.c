@@ -102,6 +102,17 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   put(&o, "flower_sidecar_upstream_up %d\n", s->upstream_up ? 1 : 0);
   head(&o, "upstream_connects_total", "counter", "Upstream connection attempts.");
   put(&o, "flower_sidecar_upstream_connects_total %" PRIu64 "\n", s->upstream_connects);
+  head(&o, "calls_held_total", "counter", "Calls that waited for an upstream connection.");
+  put(&o, "flower_sidecar_calls_held_total %" PRIu64 "\n", s->calls_held);
+  head(&o, "calls_failed_upstream_down_total", "counter",
+       "Calls ended UNAVAILABLE because the upstream was unreachable or its connection was lost.");
+  put(&o, "flower_sidecar_calls_failed_upstream_down_total %" PRIu64 "\n", s->calls_failed_down);
+  head(&o, "call_retries_total", "counter", "Calls the sidecar repeated (refused by the upstream, or side-effect free).");
+  put(&o, "flower_sidecar_call_retries_total %" PRIu64 "\n", s->retries);
+  head(&o, "keepalive_pings_total", "counter", "Keepalive PINGs sent to the upstream.");
+  put(&o, "flower_sidecar_keepalive_pings_total %" PRIu64 "\n", s->pings);
+  head(&o, "upstream_ping_rtt_seconds", "gauge", "Round trip of the last keepalive PING.");
+  if (s->ping_rtt_s > 0) put(&o, "flower_sidecar_upstream_ping_rtt_seconds %.6f\n", s->ping_rtt_s);
   head(&o, "tls_handshake_failures_total", "counter", "Failed TLS handshakes on the listener.");
   put(&o, "flower_sidecar_tls_handshake_failures_total %" PRIu64 "\n", s->tls_failures);
   head(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.");

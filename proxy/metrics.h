@@ -29,6 +29,8 @@ typedef struct fs_metrics_sample {
   uint64_t nodes_active;
   const fs_fed_run *runs; /* most recent first */
   size_t n_runs;
+  uint64_t calls_held, calls_failed_down, retries, pings;
+  double ping_rtt_s; /* <= 0: not measured yet */
 } fs_metrics_sample;
 
 /* Renders everything into |out| (capacity |cap|).  Returns the length, or

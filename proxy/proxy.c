@@ -18,12 +18,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <unistd.h>
 
 #include "backoff.h"
 #include "bufq.h"
 #include "grpcmsg.h"
 #include "h2conn.h"
+#include "keepalive.h"
 #include "log.h"
 #include "metrics.h"
 #include "observe.h"
@@ -52,7 +55,11 @@ typedef struct flow {
   uint8_t deferred; /* the sink's data provider waits for data */
   uint8_t discard;  /* the sink is gone: consume and drop */
   size_t promised;  /* bytes a DATA frame of the sink's session will take: never dropped */
+  size_t noack;     /* bytes at the front already acknowledged to their sender (a retry's replay) */
 } flow;
+
+/* A call is repeated at most this many times. */
+#define FS_MAX_RETRIES 3
 
 typedef struct pconn pconn;
 typedef struct call call;
@@ -75,6 +82,12 @@ struct call {
   uint8_t ended;       /* call_end() ran */
   uint64_t t_start;
   call *qprev, *qnext; /* waiting for an upstream connection */
+  uint64_t hold_until;  /* queued: wait for an upstream until then; 0 = fail when none can be had */
+  fs_bufq replay;       /* request bytes sent upstream, kept to repeat the call */
+  uint8_t replay_on;    /* replay holds every byte sent on this attempt */
+  uint8_t up_headers;   /* response headers arrived: the upstream processed the call */
+  uint8_t req_trailers; /* request trailers were sent (not kept: no retry) */
+  uint8_t attempts;     /* repeats made */
   uint8_t queued, resp_started, overflow, finished, synth;
   int synth_status;
   char synth_msg[240];
@@ -84,6 +97,8 @@ struct pconn {
   fs_h2conn h2; /* first: a pconn* is an fs_h2conn* */
   uint8_t upstream, ready, goaway, opened;
   uint32_t nstreams;
+  fs_keepalive ka;  /* node role: upstream liveness */
+  uint64_t ping_t0; /* when our outstanding PING was sent, for its round trip */
   uint64_t rpcs;
   call *calls;
   pconn *prev, *next;
@@ -106,7 +121,9 @@ static struct {
   int up_addr_ok;
   uv_getaddrinfo_t gai;
   fs_backoff backoff;
-  uv_timer_t reconnect_timer, drain_timer;
+  uv_timer_t reconnect_timer, drain_timer, hold_timer;
+  uint64_t ka_time_ms; /* doubled after GOAWAY too_many_pings */
+  size_t replay_total, replay_max; /* bytes kept for retries, all calls */
   char up_error[400];
   nghttp2_session_callbacks *cbs;
   nghttp2_option *down_opt, *up_opt;
@@ -283,6 +300,8 @@ static call *call_new(void) {
     fs_bufq_init(&c->fl[i].data, (size_t)P.cfg->stream_window + 16384);
     fs_grpcmsg_init(&c->fl[i].msgs, P.cfg->max_message_size);
   }
+  fs_bufq_init(&c->replay, P.cfg->retry_buffer);
+  c->replay_on = P.cfg->retry_buffer > 0;
   c->t_start = fs_now_ms();
   P.stats.calls_total++;
   return c;
@@ -301,10 +320,38 @@ static void call_end(call *c, int status) {
   c->obs = NULL;
 }
 
+/* The call can no longer be repeated: let go of what was kept for it. */
+static void replay_off(call *c) {
+  P.replay_total -= c->replay.len;
+  fs_bufq_reset(&c->replay);
+  c->replay_on = 0;
+  hdrs_clear(&c->head[DOWN]);
+}
+
+/* Keeps a copy of the first |n| bytes of |q|, about to be sent upstream. */
+static void replay_keep(call *c, const fs_bufq *q, size_t n) {
+  const fs_block *b;
+  if (!c->replay_on || n == 0) return;
+  if (c->replay.len + n > P.cfg->retry_buffer || P.replay_total + n > P.replay_max) {
+    replay_off(c);
+    return;
+  }
+  for (b = q->head; b && n > 0; b = b->next) {
+    size_t take = b->end - b->start < n ? b->end - b->start : n;
+    if (fs_bufq_append(&c->replay, b->data + b->start, take) < 0) {
+      replay_off(c);
+      return;
+    }
+    P.replay_total += take;
+    n -= take;
+  }
+}
+
 static void call_free(call *c) {
   int i;
   call_end(c, GRPC_CANCELLED); /* ended by a lost connection */
   queue_del(c);
+  replay_off(c);
   for (i = 0; i < 2; i++) {
     fs_bufq_reset(&c->fl[i].data);
     hdrs_clear(&c->fl[i].trailers);
@@ -335,10 +382,11 @@ static void consume(call *c, int side, size_t n) {
  * promised) and everything that arrives later. */
 static void flow_discard(call *c, int side) {
   flow *f = &c->fl[side];
+  size_t acked = f->promised > f->noack ? f->promised : f->noack;
   f->discard = 1;
-  if (f->data.len <= f->promised) return;
-  consume(c, side, f->data.len - f->promised);
-  fs_bufq_keep(&f->data, f->promised);
+  if (f->data.len > acked) consume(c, side, f->data.len - acked);
+  if (f->noack > f->promised) f->noack = f->promised;
+  if (f->data.len > f->promised) fs_bufq_keep(&f->data, f->promised);
 }
 
 static void rst_leg(call *c, int side, uint32_t code);
@@ -352,7 +400,9 @@ static void cancel_up(call *c, uint32_t code) {
   flow_discard(c, DOWN);
 }
 
-static void detach(call *c, int side) {
+/* Unlinks the call from leg |side|'s connection, keeping what the other
+ * leg sent (the call may go on elsewhere). */
+static void detach_keep(call *c, int side) {
   pconn *pc = c->leg[side].conn;
   if (!pc) return;
   list_del(&pc->calls, c, side);
@@ -360,6 +410,11 @@ static void detach(call *c, int side) {
   c->leg[side].conn = NULL;
   pc->nstreams--;
   if (!pc->upstream) idle_timer_update(pc);
+}
+
+static void detach(call *c, int side) {
+  if (!c->leg[side].conn) return;
+  detach_keep(c, side);
   /* Nothing will ever take what the other leg sends now. */
   flow_discard(c, !side);
 }
@@ -483,6 +538,7 @@ static void submit_trailers(call *c, int sink) {
     nghttp2_submit_trailer(pc->h2.session, c->leg[sink].sid, nv, 2);
     return;
   }
+  if (sink == UP) c->req_trailers = 1;
   {
     nghttp2_nv nv[f->trailers.n / 2 + 1];
     size_t n = hdrs_nv(&f->trailers, nv, NULL);
@@ -550,9 +606,16 @@ static int send_data_cb(nghttp2_session *s, nghttp2_frame *frame, const uint8_t 
     static const uint8_t zeros[256];
     fs_h2conn_write(&pc->h2, zeros, padlen - 1);
   }
+  if (sink == UP) replay_keep(c, &f->data, length);
   fs_bufq_drop(&f->data, length);
   f->promised = 0;
-  /* The bytes are on their way: let the sender send more. */
+  /* The bytes are on their way: let the sender send more (a replay's bytes
+   * were acknowledged the first time). */
+  if (f->noack) {
+    size_t k = f->noack < length ? f->noack : length;
+    f->noack -= k;
+    length -= k;
+  }
   consume(c, !sink, length);
   return 0;
 }
@@ -571,7 +634,7 @@ static void submit_upstream(call *c, pconn *u) {
   int32_t sid;
   int no_body = c->fl[DOWN].eof && c->fl[DOWN].data.len == 0 && !c->fl[DOWN].trailers.n;
   sid = nghttp2_submit_request(u->h2.session, NULL, nv, n, no_body ? NULL : &prd, c);
-  hdrs_clear(&c->head[DOWN]);
+  if (!c->replay_on) hdrs_clear(&c->head[DOWN]); /* else kept to repeat the call */
   if (sid < 0) {
     fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s cannot take the call (%s)", P.up_name,
               nghttp2_strerror(sid));
@@ -606,6 +669,15 @@ static pconn *pick_upstream(int *should_connect) {
   return *should_connect || connecting ? NULL : best;
 }
 
+static void on_hold_timer(uv_timer_t *t);
+
+/* Arms the hold timer for |until| unless it fires earlier already. */
+static void hold_timer_arm(uint64_t until) {
+  uint64_t now = fs_now_ms(), delay = until > now ? until - now : 0;
+  if (uv_is_active((uv_handle_t *)&P.hold_timer) && uv_timer_get_due_in(&P.hold_timer) <= delay) return;
+  uv_timer_start(&P.hold_timer, on_hold_timer, delay, 0);
+}
+
 static void route_call(call *c) {
   int should_connect = 0;
   pconn *u = pick_upstream(&should_connect);
@@ -614,11 +686,32 @@ static void route_call(call *c) {
     return;
   }
   queue_add(c);
-  if (should_connect) {
-    /* A call is waiting: try now rather than after the backoff delay. */
+  P.stats.calls_held++;
+  if (c->hold_until) {
+    fs_event ev;
+    hold_timer_arm(c->hold_until);
+    if (fs_ev_begin(&ev, FS_LOG_DEBUG, "call.held")) {
+      char method[256];
+      method_of(c, method, sizeof(method));
+      fs_ev_str(&ev, "method", method);
+      fs_ev_u64(&ev, "hold_ms", c->hold_until - fs_now_ms());
+      fs_ev_end(&ev);
+    }
+  }
+  /* A call is waiting: try now rather than after the backoff delay, unless
+   * calls may wait (the node role): then the backoff schedule holds. */
+  if (should_connect && (!c->hold_until || !uv_is_active((uv_handle_t *)&P.reconnect_timer))) {
     uv_timer_stop(&P.reconnect_timer);
     up_connect();
   }
+}
+
+/* Where the next connection attempt stands, for messages. */
+static void next_attempt(char *out, size_t len) {
+  if (P.nups_connecting > 0 || P.resolving) snprintf(out, len, "a connection attempt is in progress");
+  else if (uv_is_active((uv_handle_t *)&P.reconnect_timer))
+    snprintf(out, len, "next attempt in %.1f s", (double)uv_timer_get_due_in(&P.reconnect_timer) / 1000.0);
+  else snprintf(out, len, "no further attempt (shutting down)");
 }
 
 static void dispatch_queue(void) {
@@ -635,12 +728,67 @@ static void dispatch_queue(void) {
   }
 }
 
-static void fail_queue(const char *why) {
-  while (P.qhead) {
-    call *c = P.qhead;
+/* Ends the waiting calls that may not wait longer: every one when |all|,
+ * else those without a hold or whose hold is over.  The others keep
+ * waiting (the hold timer is re-armed for them). */
+static void fail_queue(const char *why, int all) {
+  uint64_t now = fs_now_ms(), next = 0;
+  char when[64];
+  call *c, *n;
+  next_attempt(when, sizeof(when));
+  for (c = P.qhead; c; c = n) {
+    n = c->qnext;
+    if (!all && c->hold_until > now) {
+      if (!next || c->hold_until < next) next = c->hold_until;
+      continue;
+    }
     queue_del(c);
-    fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s unreachable (%s)", P.up_name, why);
+    P.stats.calls_failed_down++;
+    if (c->hold_until)
+      fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s unreachable (%s); waited %.1f s, %s", P.up_name, why,
+                (double)(now - c->t_start) / 1000.0, when);
+    else
+      fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s unreachable (%s); %s", P.up_name, why, when);
   }
+  if (next) hold_timer_arm(next);
+}
+
+static void on_hold_timer(uv_timer_t *t) {
+  (void)t;
+  fail_queue(P.upstream_up ? "no upstream connection could take the call in time" : P.up_error, 0);
+}
+
+/* Repeats a call whose upstream stream ended before the upstream processed
+ * it (see can_retry); its upstream leg is already detached. */
+static void retry_call(call *c, const char *reason) {
+  flow *f = &c->fl[DOWN];
+  fs_event ev;
+  c->attempts++;
+  P.stats.retries++;
+  /* What was sent goes out again ahead of what still waits; it was
+   * acknowledged to the client the first time. */
+  f->noack += c->replay.len;
+  P.replay_total -= c->replay.len;
+  fs_bufq_prepend(&f->data, &c->replay);
+  f->promised = 0;
+  f->deferred = 0;
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "call.retry")) {
+    char method[256];
+    method_of(c, method, sizeof(method));
+    fs_ev_str(&ev, "method", method);
+    fs_ev_str(&ev, "reason", reason);
+    fs_ev_u64(&ev, "attempt", c->attempts);
+    fs_ev_end(&ev);
+  }
+  route_call(c);
+}
+
+/* Nonzero when the call may be repeated: everything sent is kept, no answer
+ * came, and either the upstream never saw it (|refused|) or the method has
+ * no side effects. */
+static int can_retry(const call *c, int refused) {
+  return c->replay_on && !c->up_headers && !c->req_trailers && !c->finished && c->leg[DOWN].conn &&
+         c->attempts < FS_MAX_RETRIES && !P.draining && (refused || fs_fleet_repeatable((fs_fleet_method)c->method));
 }
 
 /* --- nghttp2 callbacks (both sides) ------------------------------------ */
@@ -695,6 +843,13 @@ static void on_request_headers(call *c, const nghttp2_frame *frame) {
     c->method = (uint8_t)fs_fleet_method_of(p.base, p.len);
     if (c->method != FS_FLEET_NONE && P.cfg->observe) c->obs = fs_obs_start(p.base, p.len, c->leg[DOWN].conn->h2.peer);
   }
+  if (P.cfg->hold_timeout_s > 0) {
+    nghttp2_vec to = hdrs_get(&c->head[DOWN], "grpc-timeout");
+    uint64_t ms;
+    c->hold_until = c->t_start + (uint64_t)(P.cfg->hold_timeout_s * 1000);
+    if (to.len && fs_grpc_timeout_ms(to.base, to.len, &ms) == 0 && c->t_start + ms < c->hold_until)
+      c->hold_until = c->t_start + (ms ? ms : 1);
+  }
   route_call(c);
 }
 
@@ -706,6 +861,8 @@ static void on_response_headers(call *c, const nghttp2_frame *frame) {
               P.cfg->max_header_list_size);
     return;
   }
+  c->up_headers = 1;
+  replay_off(c); /* processed: never repeated */
   if (end) {
     c->fl[UP].eof = 1;
     observe_status(c, &c->head[UP]);
@@ -731,7 +888,13 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
       fs_event ev;
       pc->ready = 1;
       P.nups_connecting--;
-      fs_h2conn_set_timer(&pc->h2, 0);
+      if (P.cfg->role == FS_ROLE_NODE) {
+        fs_keepalive_init(&pc->ka, P.ka_time_ms, (uint64_t)(P.cfg->keepalive_timeout_s * 1000), fs_now_ms(),
+                          pc->h2.bytes_in);
+        fs_h2conn_set_timer(&pc->h2, P.ka_time_ms);
+      } else {
+        fs_h2conn_set_timer(&pc->h2, 0);
+      }
       fs_backoff_reset(&P.backoff);
       if (!P.upstream_up) {
         P.upstream_up = 1;
@@ -745,7 +908,30 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
       dispatch_queue();
     }
     return 0;
+  case NGHTTP2_PING:
+    if (pc->upstream && (frame->hd.flags & NGHTTP2_FLAG_ACK) && pc->ping_t0) {
+      fs_event ev;
+      P.stats.ping_rtt_us = (uv_hrtime() / 1000) - pc->ping_t0;
+      pc->ping_t0 = 0;
+      if (fs_ev_begin(&ev, FS_LOG_DEBUG, "upstream.ping")) {
+        fs_ev_str(&ev, "upstream", P.up_name);
+        fs_ev_num(&ev, "rtt_ms", (double)P.stats.ping_rtt_us / 1000.0, 3);
+        fs_ev_end(&ev);
+      }
+    }
+    return 0;
   case NGHTTP2_GOAWAY:
+    if (pc->upstream && frame->goaway.error_code == NGHTTP2_ENHANCE_YOUR_CALM && frame->goaway.opaque_data_len == 14 &&
+        !memcmp(frame->goaway.opaque_data, "too_many_pings", 14) && P.cfg->role == FS_ROLE_NODE) {
+      /* As gRPC clients do: PING half as often on the next connections. */
+      fs_event ev;
+      if (P.ka_time_ms < 86400000) P.ka_time_ms *= 2;
+      if (fs_ev_begin(&ev, FS_LOG_WARN, "upstream.too_many_pings")) {
+        fs_ev_str(&ev, "upstream", P.up_name);
+        fs_ev_num(&ev, "keepalive_time_s", (double)P.ka_time_ms / 1000.0, 3);
+        fs_ev_end(&ev);
+      }
+    }
     if (!pc->h2.close_reason[0])
       snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "peer sent GOAWAY %s",
                nghttp2_http2_strerror(frame->goaway.error_code));
@@ -832,6 +1018,12 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
   int side = pc->upstream ? UP : DOWN;
   call *c = nghttp2_session_get_stream_user_data(s, sid);
   if (!c) return 0;
+  if (side == UP && code == NGHTTP2_REFUSED_STREAM && !c->fl[UP].eof && can_retry(c, 1)) {
+    /* Refused (or above a GOAWAY's last-stream-id): never processed. */
+    detach_keep(c, UP);
+    retry_call(c, "upstream refused the stream");
+    return 0;
+  }
   if (side == DOWN && c->leg[UP].conn && !c->finished) {
     char msg[96];
     snprintf(msg, sizeof(msg), "client reset the stream (%s)", nghttp2_http2_strerror(code));
@@ -1055,10 +1247,19 @@ static void up_closing(fs_h2conn *h, const char *reason) {
   snprintf(P.up_error, sizeof(P.up_error), "%s", reason);
   while (u->calls) {
     call *c = u->calls;
+    if (!c->fl[UP].eof && can_retry(c, 0)) { /* side-effect free: repeat it */
+      char why[200];
+      detach_keep(c, UP);
+      snprintf(why, sizeof(why), "connection lost (%s)", reason);
+      retry_call(c, why);
+      continue;
+    }
     detach(c, UP);
-    if (!c->fl[UP].eof)
+    if (!c->fl[UP].eof) {
+      P.stats.calls_failed_down++;
       fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s connection lost (%s)", P.up_name,
                 reason);
+    }
     maybe_free(c);
   }
   if (!was_ready) P.stats.upstream_failures++;
@@ -1073,16 +1274,37 @@ static void up_freed(fs_h2conn *h) {
   P.nups--;
   free(u);
   if (P.upstream_up && !any_up_ready()) up_log_down(P.up_error);
-  if (P.nups_connecting == 0 && !any_up_ready()) fail_queue(P.up_error);
+  schedule_reconnect(); /* first: failed calls say when the next attempt is */
+  if (P.nups_connecting == 0 && !any_up_ready()) fail_queue(P.up_error, 0);
   else dispatch_queue();
-  schedule_reconnect();
   maybe_stopped();
 }
 
 static void up_timer(fs_h2conn *h) {
-  char why[64];
-  snprintf(why, sizeof(why), "no HTTP/2 SETTINGS within %gs", P.cfg->connect_timeout_s);
-  if (!conn_of(h)->ready) fs_h2conn_close(h, why);
+  pconn *u = conn_of(h);
+  char why[96];
+  uint64_t next = 0;
+  if (!u->ready) {
+    snprintf(why, sizeof(why), "no HTTP/2 SETTINGS within %gs", P.cfg->connect_timeout_s);
+    fs_h2conn_close(h, why);
+    return;
+  }
+  switch (fs_keepalive_check(&u->ka, fs_now_ms(), h->bytes_in, u->nstreams > 0, &next)) {
+  case FS_KA_DEAD:
+    snprintf(why, sizeof(why), "keepalive: no PING ACK within %gs", P.cfg->keepalive_timeout_s);
+    fs_h2conn_close(h, why);
+    return;
+  case FS_KA_PING:
+    if (nghttp2_submit_ping(h->session, NGHTTP2_FLAG_NONE, NULL) == 0) {
+      u->ping_t0 = uv_hrtime() / 1000;
+      P.stats.pings++;
+      fs_h2conn_mark(h);
+    }
+    break;
+  case FS_KA_WAIT:
+    break;
+  }
+  fs_h2conn_set_timer(h, next);
 }
 
 static const fs_h2conn_ops up_ops = {up_ready, NULL, up_closing, up_freed, up_timer, NULL};
@@ -1093,6 +1315,13 @@ static void on_up_connected(uv_connect_t *req, int status) {
   if (status < 0) {
     fs_h2conn_close(&u->h2, uv_strerror(status));
     return;
+  }
+  if (P.cfg->role == FS_ROLE_NODE) {
+    /* Unacknowledged bytes for longer than the keepalive timeout: the
+     * kernel gives up too (a stalled write would otherwise hide it). */
+    uv_os_fd_t fd;
+    unsigned int ms = (unsigned int)(P.cfg->keepalive_timeout_s * 1000);
+    if (uv_fileno((uv_handle_t *)&u->h2.tcp, &fd) == 0) setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ms, sizeof(ms));
   }
   fs_h2conn_start(&u->h2, P.up_ctx, 0, P.cfg->tls_server_name ? P.cfg->tls_server_name : P.up_host,
                   P.cfg->tls_server_name ? P.cfg->tls_server_name : P.up_host);
@@ -1125,8 +1354,8 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
   if (status < 0 || !res) {
     snprintf(P.up_error, sizeof(P.up_error), "cannot resolve %s: %s", P.up_host, uv_strerror(status));
     if (P.upstream_up) up_log_down(P.up_error);
-    if (!P.nups_connecting) fail_queue(P.up_error);
     schedule_reconnect();
+    if (!P.nups_connecting) fail_queue(P.up_error, 0);
     maybe_stopped();
   } else if (!P.draining) {
     memcpy(&P.up_addr, res->ai_addr, res->ai_addrlen);
@@ -1209,6 +1438,9 @@ int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL
                   (uint64_t)uv_hrtime() ^ (uint64_t)getpid());
   uv_timer_init(loop, &P.reconnect_timer);
   uv_timer_init(loop, &P.drain_timer);
+  uv_timer_init(loop, &P.hold_timer);
+  P.ka_time_ms = (uint64_t)(cfg->keepalive_time_s * 1000);
+  P.replay_max = (size_t)cfg->retry_buffer * 8;
 
   nghttp2_session_callbacks_new(&P.cbs);
   fs_h2conn_set_callbacks(P.cbs);
@@ -1276,9 +1508,10 @@ static void maybe_stopped(void) {
     return;
   }
   P.stopped = 1;
-  fail_queue("shutting down");
+  fail_queue("shutting down", 1);
   uv_close((uv_handle_t *)&P.reconnect_timer, NULL);
   uv_close((uv_handle_t *)&P.drain_timer, NULL);
+  uv_close((uv_handle_t *)&P.hold_timer, NULL);
   nghttp2_session_callbacks_del(P.cbs);
   nghttp2_option_del(P.down_opt);
   nghttp2_option_del(P.up_opt);

@@ -22,6 +22,11 @@ typedef struct fs_proxy_stats {
   uint64_t calls_total, calls_failed;
   uint64_t tls_failures;
   uint64_t upstream_connects, upstream_failures;
+  uint64_t calls_held;        /* waited for an upstream connection */
+  uint64_t calls_failed_down; /* ended UNAVAILABLE: upstream unreachable or lost */
+  uint64_t retries;           /* calls repeated by the sidecar */
+  uint64_t pings;             /* keepalive PINGs sent */
+  uint64_t ping_rtt_us;       /* last PING round trip; 0 none yet */
 } fs_proxy_stats;
 
 /* Starts listening on cfg->listen (fs_h2conn_global_init() first) and connecting to cfg->upstream.

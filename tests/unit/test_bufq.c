@@ -57,10 +57,38 @@ static void empty_queue_holds_no_block(void **state) {
   assert_null(q.tail);
 }
 
+/* A retry's replay goes back in front of what is still queued. */
+static void prepend_moves_blocks_in_front(void **state) {
+  fs_bufq q, front;
+  static uint8_t a[40000], b[100];
+  uint8_t out[40100];
+  size_t i;
+  (void)state;
+  for (i = 0; i < sizeof(a); i++) a[i] = (uint8_t)(i * 7);
+  memset(b, 0xEE, sizeof(b));
+  fs_bufq_init(&q, 1000);
+  fs_bufq_init(&front, 0);
+  assert_int_equal(fs_bufq_append(&q, b, sizeof(b)), 0);
+  assert_int_equal(fs_bufq_append(&front, a, sizeof(a)), 0);
+  fs_bufq_prepend(&q, &front);
+  assert_int_equal(front.len, 0);
+  assert_null(front.head);
+  assert_int_equal(q.len, sizeof(a) + sizeof(b));
+  assert_int_equal(fs_bufq_copy(&q, out, sizeof(out)), sizeof(out));
+  assert_memory_equal(out, a, sizeof(a));
+  assert_memory_equal(out + sizeof(a), b, sizeof(b));
+  /* The cap grew by what was moved: the sender's window is still free. */
+  assert_int_equal(fs_bufq_append(&q, a, 900), 0);
+  assert_int_equal(fs_bufq_append(&q, a, 1), -1);
+  fs_bufq_prepend(&q, &front); /* empty front: nothing changes */
+  assert_int_equal(q.len, sizeof(a) + 1000);
+  fs_bufq_reset(&q);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(append_copy_drop_across_blocks), cmocka_unit_test(cap_refuses_without_partial_append),
-    cmocka_unit_test(empty_queue_holds_no_block),
+    cmocka_unit_test(empty_queue_holds_no_block), cmocka_unit_test(prepend_moves_blocks_in_front),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

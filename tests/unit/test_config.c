@@ -26,6 +26,7 @@ static void link_defaults(void **state) {
   assert_int_equal(c.tls, 1);
   assert_int_equal(c.max_message_size, 2147483647u);
   assert_true(c.drain_timeout_s == 10);
+  assert_true(c.hold_timeout_s == 0 && c.retry_buffer == 0); /* the link fails fast, never repeats */
 }
 
 static void node_requires_upstream(void **state) {
@@ -37,6 +38,8 @@ static void node_requires_upstream(void **state) {
   assert_int_equal(parse(&c, err, "node", "--upstream", "superlink.example:9092"), 0);
   assert_string_equal(c.listen, "127.0.0.1:9092");
   assert_true(c.backoff_initial_s == 10 && c.backoff_max_s == 300);
+  assert_true(c.hold_timeout_s == 20 && c.retry_buffer == 8u << 20 && c.connect_timeout_s == 20);
+  assert_true(c.keepalive_time_s == 30 && c.keepalive_timeout_s == 10);
 }
 
 /* Every bad value names the flag and echoes the value. */
@@ -46,6 +49,9 @@ static void bad_values_name_flag_and_value(void **state) {
     {"--max-message-size", "-1", "--max-message-size"}, {"--log-level", "LOUD", "--log-level"},
     {"--drain-timeout", "soon", "--drain-timeout"}, {"--stream-window", "1", "--stream-window"},
     {"--tls-san", "a b", "--tls-san"},
+    {"--hold-timeout", "301", "--hold-timeout"}, /* past the SuperLink's ~300 s window */
+    {"--hold-timeout", "-1", "--hold-timeout"},  {"--retry-buffer", "65M", "--retry-buffer"},
+    {"--keepalive-time", "0.5", "--keepalive-time"},
   };
   size_t i;
   (void)state;

@@ -29,6 +29,11 @@ static const fs_metrics_sample sample = {
   .nodes_active = 2,
   .runs = runs,
   .n_runs = 2,
+  .calls_held = 7,
+  .calls_failed_down = 3,
+  .retries = 2,
+  .pings = 11,
+  .ping_rtt_s = 0.0125,
 };
 
 static size_t render(void) {
@@ -106,6 +111,11 @@ static void counters_after_calls(void **state) {
   has_line("flower_sidecar_event_lines_dropped_total 5");
   has_line("flower_sidecar_run_round{run_id=\"18446744073709551615\"} 3");
   has_line("flower_sidecar_run_round{run_id=\"42\"} -1");
+  has_line("flower_sidecar_calls_held_total 7");
+  has_line("flower_sidecar_calls_failed_upstream_down_total 3");
+  has_line("flower_sidecar_call_retries_total 2");
+  has_line("flower_sidecar_keepalive_pings_total 11");
+  has_line("flower_sidecar_upstream_ping_rtt_seconds 0.012500");
   has_line("flower_sidecar_run_messages_total{run_id=\"18446744073709551615\",kind=\"instruction\"} 6");
   has_line("flower_sidecar_run_messages_total{run_id=\"18446744073709551615\",kind=\"reply\"} 5");
   has_line("flower_sidecar_run_messages_total{run_id=\"18446744073709551615\",kind=\"error_reply\"} 1");
@@ -193,7 +203,7 @@ static void exposition_format(void **state) {
     assert_non_null(strrchr(line, ' '));
   }
   assert_int_equal(helps, types);
-  assert_int_equal(helps, 13);
+  assert_int_equal(helps, 18);
 }
 
 static void small_buffer_gives_zero(void **state) {

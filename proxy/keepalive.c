@@ -1,0 +1,34 @@
+/* keepalive: see keepalive.h. */
+#include "keepalive.h"
+
+void fs_keepalive_init(fs_keepalive *k, uint64_t time_ms, uint64_t timeout_ms, uint64_t now_ms, uint64_t rx) {
+  k->time_ms = time_ms ? time_ms : 1;
+  k->timeout_ms = timeout_ms ? timeout_ms : 1;
+  k->rx_seen = rx;
+  k->last_rx_ms = now_ms;
+  k->ping_ms = 0;
+}
+
+fs_ka_action fs_keepalive_check(fs_keepalive *k, uint64_t now, uint64_t rx, int calls_open, uint64_t *next_ms) {
+  if (rx != k->rx_seen) { /* alive: whatever was outstanding is answered */
+    k->rx_seen = rx;
+    k->last_rx_ms = now;
+    k->ping_ms = 0;
+  }
+  if (k->ping_ms) {
+    if (now - k->ping_ms >= k->timeout_ms) return FS_KA_DEAD;
+    *next_ms = k->ping_ms + k->timeout_ms - now;
+    return FS_KA_WAIT;
+  }
+  if (now < k->last_rx_ms + k->time_ms) {
+    *next_ms = k->last_rx_ms + k->time_ms - now;
+    return FS_KA_WAIT;
+  }
+  if (!calls_open) { /* idle: a PING now would be abuse; look again later */
+    *next_ms = k->time_ms;
+    return FS_KA_WAIT;
+  }
+  k->ping_ms = now ? now : 1;
+  *next_ms = k->timeout_ms;
+  return FS_KA_PING;
+}
