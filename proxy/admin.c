@@ -19,6 +19,7 @@
 #include "metrics.h"
 #include "fedstate.h"
 #include "proxy.h"
+#include "uphealth.h"
 
 #define PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #define PREFACE_LEN 24
@@ -76,8 +77,13 @@ static struct {
 /* --- health verdict ------------------------------------------------------- */
 
 static fs_health_status current(const char **reason) {
-  fs_health_inputs in = {fs_proxy_listening(), fs_proxy_upstream_up(), fs_proxy_draining()};
+  fs_health_inputs in = {fs_proxy_listening(), fs_proxy_upstream_up(), fs_proxy_draining(), fs_uphealth_ok()};
   return fs_health_eval(&in, reason);
+}
+
+/* The detail behind a NOT_SERVING verdict about the upstream. */
+static const char *upstream_detail(void) {
+  return fs_proxy_upstream_up() && !fs_uphealth_ok() ? fs_uphealth_reason() : fs_proxy_upstream_error();
 }
 
 fs_health_status fs_admin_status(const char **reason) {
@@ -95,7 +101,7 @@ void fs_admin_update(void) {
   if (fs_ev_begin(&ev, st == FS_HEALTH_SERVING ? FS_LOG_INFO : FS_LOG_WARN, "health.change")) {
     char why[600];
     int upstream_reason = st != FS_HEALTH_SERVING && fs_proxy_listening() && !fs_proxy_draining();
-    snprintf(why, sizeof(why), "%s%s%s", reason, upstream_reason ? ": " : "", upstream_reason ? fs_proxy_upstream_error() : "");
+    snprintf(why, sizeof(why), "%s%s%s", reason, upstream_reason ? ": " : "", upstream_reason ? upstream_detail() : "");
     fs_ev_str(&ev, "service", "flwr.proto.Fleet");
     fs_ev_str(&ev, "from", fs_health_status_name(A.status));
     fs_ev_str(&ev, "to", fs_health_status_name(st));
@@ -352,7 +358,7 @@ static void http_request(aconn *c) {
       http_reply(c, 200, "OK", "text/plain", "SERVING\n", head_only);
     } else {
       if (fs_proxy_draining()) snprintf(body, sizeof(body), "NOT_SERVING: %s\n", reason);
-      else snprintf(body, sizeof(body), "NOT_SERVING: %s (%s)\n", reason, fs_proxy_upstream_error());
+      else snprintf(body, sizeof(body), "NOT_SERVING: %s (%s)\n", reason, upstream_detail());
       http_reply(c, 503, "Service Unavailable", "text/plain", body, head_only);
     }
   } else if (!strcmp(target, "/metrics") && A.cfg->metrics) {

@@ -18,7 +18,7 @@ enum {
   OPT_TLS_DIR, OPT_TLS_SAN, OPT_TLS_SERVER_NAME, OPT_LOG_FORMAT, OPT_LOG_LEVEL, OPT_LOG_FILE, OPT_METRICS,
   OPT_NO_METRICS, OPT_OBSERVE, OPT_NO_OBSERVE, OPT_KA_TIME, OPT_KA_TIMEOUT, OPT_BO_INITIAL, OPT_BO_MAX, OPT_CONNECT_TIMEOUT,
   OPT_HANDSHAKE_TIMEOUT, OPT_IDLE_TIMEOUT, OPT_DRAIN_TIMEOUT, OPT_MAX_STREAMS, OPT_MAX_HEADER_LIST,
-  OPT_MAX_MESSAGE, OPT_STREAM_WINDOW, OPT_CONN_WINDOW, OPT_UPSTREAM_CONNS, OPT_HOLD_TIMEOUT, OPT_RETRY_BUFFER, OPT_HELP, OPT_VERSION
+  OPT_MAX_MESSAGE, OPT_STREAM_WINDOW, OPT_CONN_WINDOW, OPT_UPSTREAM_CONNS, OPT_HOLD_TIMEOUT, OPT_RETRY_BUFFER, OPT_UPSTREAM_HEALTH, OPT_HELP, OPT_VERSION
 };
 
 static const struct option long_opts[] = {
@@ -55,6 +55,7 @@ static const struct option long_opts[] = {
   {"conn-window", required_argument, 0, OPT_CONN_WINDOW},
   {"upstream-conns", required_argument, 0, OPT_UPSTREAM_CONNS},
   {"hold-timeout", required_argument, 0, OPT_HOLD_TIMEOUT},
+  {"upstream-health", required_argument, 0, OPT_UPSTREAM_HEALTH},
   {"retry-buffer", required_argument, 0, OPT_RETRY_BUFFER},
   {"help", no_argument, 0, OPT_HELP},
   {"version", no_argument, 0, OPT_VERSION},
@@ -71,6 +72,8 @@ void fs_config_usage(void) {
       "  --listen HOST:PORT            Fleet API listener (link 0.0.0.0:9092, node 127.0.0.1:9092)\n"
       "  --upstream HOST:PORT          [FL_SUPERLINK_ADDRESS] upstream (link 127.0.0.1:9192; node: required)\n"
       "  --admin HOST:PORT             health and metrics listener (127.0.0.1:9099)\n"
+      "  --upstream-health IP:PORT     also require the SuperLink's own grpc.health.v1 server (its\n"
+      "                                --health-server-address) to answer SERVING (off)\n"
       "TLS:\n"
       "  --tls / --no-tls              [FL_TLS_ENABLED=YES|NO] TLS on the listener (link) or upstream (node)\n"
       "  --tls-cert PEM, --tls-key PEM [FL_SSL_CERTFILE, FL_SSL_KEYFILE] certificate and key: a path or\n"
@@ -195,6 +198,7 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
   case OPT_LISTEN: return set_addr(c->listen, sizeof(c->listen), v, what, err, errlen);
   case OPT_UPSTREAM: return set_addr(c->upstream, sizeof(c->upstream), v, what, err, errlen);
   case OPT_ADMIN: return set_addr(c->admin, sizeof(c->admin), v, what, err, errlen);
+  case OPT_UPSTREAM_HEALTH: return set_addr(c->upstream_health, sizeof(c->upstream_health), v, what, err, errlen);
   case OPT_TLS:
     if (!v) return c->tls = 1, 0;
     if (parse_bool(v, &c->tls) < 0) return fail(err, errlen, what, v, "expected YES or NO");

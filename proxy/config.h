@@ -23,6 +23,7 @@ typedef struct fs_config {
   char listen[256];
   char upstream[256];
   char admin[256];
+  char upstream_health[256]; /* the SuperLink's own health server, "" = not asked */
   int tls;                 /* link: TLS on the listener; node: TLS to the upstream */
   const char *tls_ca;      /* path or base64 PEM, or NULL */
   const char *tls_cert;

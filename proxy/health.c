@@ -7,6 +7,7 @@ fs_health_status fs_health_eval(const fs_health_inputs *in, const char **reason)
   if (in->draining) return *reason = "draining", FS_HEALTH_NOT_SERVING;
   if (!in->listening) return *reason = "Fleet listener not accepting", FS_HEALTH_NOT_SERVING;
   if (!in->upstream_up) return *reason = "upstream not connected", FS_HEALTH_NOT_SERVING;
+  if (!in->upstream_healthy) return *reason = "SuperLink health not SERVING", FS_HEALTH_NOT_SERVING;
   *reason = "upstream connected";
   return FS_HEALTH_SERVING;
 }

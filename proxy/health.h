@@ -19,9 +19,11 @@ typedef struct fs_health_inputs {
   int listening;   /* the Fleet listener accepts connections */
   int upstream_up; /* an upstream HTTP/2 connection got its SETTINGS */
   int draining;    /* SIGTERM/SIGINT received */
+  int upstream_healthy; /* --upstream-health answered SERVING (1 when not configured) */
 } fs_health_inputs;
 
-/* SERVING exactly when listening, upstream up and not draining; otherwise
+/* SERVING exactly when listening, upstream up (and healthy, when asked) and
+ * not draining; otherwise
  * NOT_SERVING with |*reason| naming the first unmet condition (a static
  * string). */
 fs_health_status fs_health_eval(const fs_health_inputs *in, const char **reason);

@@ -13,6 +13,7 @@
 #include <uv.h>
 
 #include "admin.h"
+#include "uphealth.h"
 #include "bufq.h"
 #include "config.h"
 #include "fedstate.h"
@@ -36,7 +37,10 @@ static void on_admin_closed(void) {
 }
 
 /* The admin port answers NOT_SERVING until the very end of the drain. */
-static void on_stopped(void) { fs_admin_stop(on_admin_closed); }
+static void on_stopped(void) {
+  fs_uphealth_stop();
+  fs_admin_stop(on_admin_closed);
+}
 
 static void on_signal(uv_signal_t *h, int signum) {
   fs_event ev;
@@ -116,6 +120,8 @@ int main(int argc, char **argv) {
   /* The proxy first (it only starts connecting), so the admin port's first
    * verdict already names the real reason. */
   if (fs_proxy_start(loop, &cfg, down_ctx, up_ctx, on_stopped, err, sizeof(err)) < 0) return fatal(err);
+  if (cfg.upstream_health[0] && fs_uphealth_start(loop, cfg.upstream_health, fs_admin_update, err, sizeof(err)) < 0)
+    return fatal(err);
   if (fs_admin_start(loop, &cfg, err, sizeof(err)) < 0) return fatal(err);
   fs_proxy_on_state_change(fs_admin_update);
   uv_run(loop, UV_RUN_DEFAULT);

@@ -1604,3 +1604,72 @@ def test_ready_script_default_address_and_probe_on_path(h, tmp_path):
     rc, out, err = finish(run_ready_script(env, 30), 30)
     assert rc == 0, (out, err)
     assert len(out.strip().splitlines()) == 1 and "SERVING" in out, out
+
+
+# --- --upstream-health: the SuperLink's own health server ----------------------
+
+
+class SuperLinkHealth:
+    """A python3-grpcio grpc.health.v1 server standing in for
+    `flower-superlink --health-server-address`: Check answers |status| for
+    any service name, as Flower's does."""
+
+    def __init__(self):
+        from concurrent import futures
+        self.status = SERVING
+        self.checks = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+            "grpc.health.v1.Health",
+            {"Check": grpc.unary_unary_rpc_method_handler(
+                self._check, request_deserializer=HCQ.FromString, response_serializer=HCR.SerializeToString)}),))
+        self.port = self.server.add_insecure_port(f"{HOST}:0")
+        self.addr = f"{HOST}:{self.port}"
+        self.server.start()
+
+    def _check(self, request, context):
+        self.checks += 1
+        return HCR(status=self.status)
+
+    def stop(self):
+        self.server.stop(0).wait(5)
+
+
+def test_upstream_health_is_required(h):
+    """--upstream-health: SERVING needs the SuperLink's own health server to
+    say SERVING too; each change shows within about a second (checks every
+    500 ms, 1 s timeout), with the SuperLink's answer as the reason."""
+    up = h.upstream()
+    slh = SuperLinkHealth()
+    try:
+        sc = h.sidecar("link", up, "--upstream-health", slh.addr)
+        ch = sc.channel()
+        wait_for(lambda: check(ch) == SERVING, 5 * SLOW, "SERVING with a healthy SuperLink")
+        assert slh.checks >= 1
+
+        slh.status = NOT_SERVING
+        t = time.monotonic()
+        wait_for(lambda: check(ch) == NOT_SERVING, 3, "NOT_SERVING once the SuperLink says so")
+        latency("upstream-health NOT_SERVING", time.monotonic() - t)
+        status, _, body = http_get(sc.admin)
+        assert status == 503 and b"SuperLink health" in body and b"NOT_SERVING" in body, body
+        change = [c for c in sc.changes() if c["to"] == "NOT_SERVING"][-1]
+        assert "SuperLink health" in change["reason"] and "answered NOT_SERVING" in change["reason"], change
+
+        slh.status = SERVING
+        wait_for(lambda: check(ch) == SERVING, 3, "SERVING again")
+
+        slh.stop()  # its port now refuses connections
+        wait_for(lambda: check(ch) == NOT_SERVING, 3, "NOT_SERVING when the health server is gone")
+        change = [c for c in sc.changes() if c["to"] == "NOT_SERVING"][-1]
+        assert "SuperLink health" in change["reason"], change
+        # Fleet calls still flow: the verdict is about readiness, not a gate.
+        assert raw_call(sc.fleet_channel(), "/test.Echo/Unary", b"still forwarding") == b"still forwarding"
+    finally:
+        slh.stop()
+
+
+def test_upstream_health_bad_address_exits_2(tmp_path):
+    r = subprocess.run([SIDECAR, "link", "--no-tls", "--upstream-health", "superlink:notaport"],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "--upstream-health" in r.stderr and "superlink:notaport" in r.stderr, r

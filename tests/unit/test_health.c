@@ -27,7 +27,7 @@ static void all_input_combinations(void **state) {
   for (l = 0; l <= 1; l++)
     for (u = 0; u <= 1; u++)
       for (d = 0; d <= 1; d++) {
-        fs_health_inputs in = {l, u, d};
+        fs_health_inputs in = {l, u, d, 1};
         const char *reason = NULL;
         const char *kw = expected_keyword(l, u, d);
         fs_health_status st = fs_health_eval(&in, &reason);
@@ -49,7 +49,7 @@ static void all_input_combinations(void **state) {
  * draining sidecar also loses its upstream. */
 static void reason_names_first_unmet_condition(void **state) {
   const char *r1, *r2, *r3, *r4;
-  fs_health_inputs a = {1, 1, 1}, b = {0, 0, 1}, c = {0, 1, 0}, e = {0, 0, 0};
+  fs_health_inputs a = {1, 1, 1, 1}, b = {0, 0, 1, 1}, c = {0, 1, 0, 1}, e = {0, 0, 0, 1};
   (void)state;
   fs_health_eval(&a, &r1);
   fs_health_eval(&b, &r2);
@@ -61,7 +61,7 @@ static void reason_names_first_unmet_condition(void **state) {
   assert_null(strstr(r3, "upstream"));
   /* the three NOT_SERVING reasons differ from each other and from SERVING's */
   {
-    fs_health_inputs up = {1, 0, 0}, ok = {1, 1, 0};
+    fs_health_inputs up = {1, 0, 0, 1}, ok = {1, 1, 0, 1};
     const char *r5, *r6;
     assert_int_equal(fs_health_eval(&up, &r5), FS_HEALTH_NOT_SERVING);
     assert_int_equal(fs_health_eval(&ok, &r6), FS_HEALTH_SERVING);
@@ -76,7 +76,7 @@ static void reason_names_first_unmet_condition(void **state) {
 /* Inputs are truth values: any nonzero counts as set. */
 static void nonzero_inputs_are_true(void **state) {
   const char *reason;
-  fs_health_inputs serving = {7, -1, 0}, draining = {1, 1, 42};
+  fs_health_inputs serving = {7, -1, 0, 3}, draining = {1, 1, 42, 1};
   (void)state;
   assert_int_equal(fs_health_eval(&serving, &reason), FS_HEALTH_SERVING);
   assert_int_equal(fs_health_eval(&draining, &reason), FS_HEALTH_NOT_SERVING);
@@ -91,7 +91,7 @@ static void eval_is_pure(void **state) {
   (void)state;
   for (round = 0; round < 3; round++)
     for (i = 0; i < 8; i++) {
-      fs_health_inputs in = {i & 1, (i >> 1) & 1, (i >> 2) & 1};
+      fs_health_inputs in = {i & 1, (i >> 1) & 1, (i >> 2) & 1, 1};
       const char *reason;
       fs_health_status st = fs_health_eval(&in, &reason);
       assert_int_equal(st, (i & 3) == 3 && !(i & 4) ? FS_HEALTH_SERVING : FS_HEALTH_NOT_SERVING);
@@ -155,10 +155,24 @@ static void status_values_match_the_protocol(void **state) {
   assert_int_equal(FS_HEALTH_SERVICE_UNKNOWN, 3);
 }
 
+/* --upstream-health: with the upstream connected, the SuperLink's own
+ * health decides; its reason is its own. */
+static void superlink_health_is_required(void **state) {
+  fs_health_inputs sick = {1, 1, 0, 0}, down = {1, 0, 0, 0}, draining = {1, 1, 1, 0};
+  const char *r1, *r2, *r3;
+  (void)state;
+  assert_int_equal(fs_health_eval(&sick, &r1), FS_HEALTH_NOT_SERVING);
+  assert_non_null(strstr(r1, "SuperLink health"));
+  assert_int_equal(fs_health_eval(&down, &r2), FS_HEALTH_NOT_SERVING);
+  assert_non_null(strstr(r2, "upstream not connected")); /* the first unmet condition */
+  assert_int_equal(fs_health_eval(&draining, &r3), FS_HEALTH_NOT_SERVING);
+  assert_non_null(strstr(r3, "draining"));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(all_input_combinations), cmocka_unit_test(reason_names_first_unmet_condition),
-    cmocka_unit_test(nonzero_inputs_are_true), cmocka_unit_test(eval_is_pure),
+    cmocka_unit_test(nonzero_inputs_are_true), cmocka_unit_test(eval_is_pure), cmocka_unit_test(superlink_health_is_required),
     cmocka_unit_test(known_services),        cmocka_unit_test(unknown_services),
     cmocka_unit_test(status_names),          cmocka_unit_test(status_values_match_the_protocol),
   };
