@@ -67,3 +67,11 @@ int fs_grpc_timeout_ms(const uint8_t *v, size_t len, uint64_t *ms) {
   else *ms = (n * per_unit_ns + 999999ull) / 1000000ull;
   return 0;
 }
+
+uint64_t fs_grpc_hold_ms(uint64_t hold_ms, int has_deadline, uint64_t deadline_ms) {
+  if (has_deadline) {
+    uint64_t margin = deadline_ms / 10 < 200 ? deadline_ms / 10 : 200;
+    if (deadline_ms - margin < hold_ms) hold_ms = deadline_ms - margin;
+  }
+  return hold_ms ? hold_ms : 1;
+}

@@ -334,6 +334,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
     return;
   }
   c->bytes_in += (uint64_t)nread;
+  c->last_rx_ms = uv_now(s->loop);
   if (c->ssl) {
     c->rx = (const uint8_t *)buf->base;
     c->rx_len = (size_t)nread;

@@ -65,6 +65,7 @@ struct fs_h2conn {
   size_t rx_len;
   fs_h2conn *dprev, *dnext;     /* dirty list */
   uint64_t bytes_in, bytes_out; /* socket bytes */
+  uint64_t last_rx_ms;          /* loop time of the last byte read */
   uint64_t opened_ms;
   uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
   char peer[300];

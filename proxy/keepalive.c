@@ -1,20 +1,19 @@
 /* keepalive: see keepalive.h. */
 #include "keepalive.h"
 
-void fs_keepalive_init(fs_keepalive *k, uint64_t time_ms, uint64_t timeout_ms, uint64_t now_ms, uint64_t rx) {
+void fs_keepalive_init(fs_keepalive *k, uint64_t time_ms, uint64_t timeout_ms, uint64_t now_ms) {
   k->time_ms = time_ms ? time_ms : 1;
   k->timeout_ms = timeout_ms ? timeout_ms : 1;
-  k->rx_seen = rx;
   k->last_rx_ms = now_ms;
   k->ping_ms = 0;
 }
 
-fs_ka_action fs_keepalive_check(fs_keepalive *k, uint64_t now, uint64_t rx, int calls_open, uint64_t *next_ms) {
-  if (rx != k->rx_seen) { /* alive: whatever was outstanding is answered */
-    k->rx_seen = rx;
-    k->last_rx_ms = now;
-    k->ping_ms = 0;
-  }
+fs_ka_action fs_keepalive_check(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, int calls_open,
+                                uint64_t *next_ms) {
+  if (last_rx_ms > k->last_rx_ms) k->last_rx_ms = last_rx_ms;
+  /* A byte in the PING's own millisecond or later answers it: a PING is sent
+   * only after time_ms (>= 1) of silence, so earlier bytes are older. */
+  if (k->ping_ms && k->last_rx_ms >= k->ping_ms) k->ping_ms = 0;
   if (k->ping_ms) {
     if (now - k->ping_ms >= k->timeout_ms) return FS_KA_DEAD;
     *next_ms = k->ping_ms + k->timeout_ms - now;

@@ -845,10 +845,9 @@ static void on_request_headers(call *c, const nghttp2_frame *frame) {
   }
   if (P.cfg->hold_timeout_s > 0) {
     nghttp2_vec to = hdrs_get(&c->head[DOWN], "grpc-timeout");
-    uint64_t ms;
-    c->hold_until = c->t_start + (uint64_t)(P.cfg->hold_timeout_s * 1000);
-    if (to.len && fs_grpc_timeout_ms(to.base, to.len, &ms) == 0 && c->t_start + ms < c->hold_until)
-      c->hold_until = c->t_start + (ms ? ms : 1);
+    uint64_t ms = 0;
+    int has_deadline = to.len && fs_grpc_timeout_ms(to.base, to.len, &ms) == 0;
+    c->hold_until = c->t_start + fs_grpc_hold_ms((uint64_t)(P.cfg->hold_timeout_s * 1000), has_deadline, ms);
   }
   route_call(c);
 }
@@ -878,6 +877,8 @@ static void on_response_headers(call *c, const nghttp2_frame *frame) {
   hdrs_clear(&c->head[UP]);
 }
 
+static void up_timer(fs_h2conn *h);
+
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
   pconn *pc = ud;
   int side = pc->upstream ? UP : DOWN;
@@ -889,8 +890,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
       pc->ready = 1;
       P.nups_connecting--;
       if (P.cfg->role == FS_ROLE_NODE) {
-        fs_keepalive_init(&pc->ka, P.ka_time_ms, (uint64_t)(P.cfg->keepalive_timeout_s * 1000), fs_now_ms(),
-                          pc->h2.bytes_in);
+        fs_keepalive_init(&pc->ka, P.ka_time_ms, (uint64_t)(P.cfg->keepalive_timeout_s * 1000), fs_now_ms());
         fs_h2conn_set_timer(&pc->h2, P.ka_time_ms);
       } else {
         fs_h2conn_set_timer(&pc->h2, 0);
@@ -918,6 +918,9 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         fs_ev_num(&ev, "rtt_ms", (double)P.stats.ping_rtt_us / 1000.0, 3);
         fs_ev_end(&ev);
       }
+      /* Answered: the next PING is due keepalive-time after this ACK, not
+       * after the look the PING's timeout had scheduled. */
+      if (P.cfg->role == FS_ROLE_NODE && pc->ready) up_timer(&pc->h2);
     }
     return 0;
   case NGHTTP2_GOAWAY:
@@ -932,12 +935,23 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
         fs_ev_end(&ev);
       }
     }
-    if (!pc->h2.close_reason[0])
-      snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "peer sent GOAWAY %s",
-               nghttp2_http2_strerror(frame->goaway.error_code));
+    if (!pc->h2.close_reason[0]) {
+      /* The debug data says why ("too_many_pings", "max_age"): keep it
+       * when it is printable. */
+      size_t i, n = frame->goaway.opaque_data_len < 64 ? frame->goaway.opaque_data_len : 64;
+      for (i = 0; i < n && frame->goaway.opaque_data[i] >= 0x20 && frame->goaway.opaque_data[i] < 0x7f; i++) {
+      }
+      if (n && i == n)
+        snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "peer sent GOAWAY %s (%.*s)",
+                 nghttp2_http2_strerror(frame->goaway.error_code), (int)n, (const char *)frame->goaway.opaque_data);
+      else
+        snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "peer sent GOAWAY %s",
+                 nghttp2_http2_strerror(frame->goaway.error_code));
+    }
     if (pc->upstream && !pc->goaway) {
       int should_connect;
       pc->goaway = 1;
+      snprintf(P.up_error, sizeof(P.up_error), "%s", pc->h2.close_reason);
       /* The upstream is going away: health says so at once, and a new
        * connection is tried now for the calls to come. */
       if (P.upstream_up && !any_up_ready()) up_log_down(pc->h2.close_reason);
@@ -1289,7 +1303,7 @@ static void up_timer(fs_h2conn *h) {
     fs_h2conn_close(h, why);
     return;
   }
-  switch (fs_keepalive_check(&u->ka, fs_now_ms(), h->bytes_in, u->nstreams > 0, &next)) {
+  switch (fs_keepalive_check(&u->ka, fs_now_ms(), h->last_rx_ms, u->nstreams > 0, &next)) {
   case FS_KA_DEAD:
     snprintf(why, sizeof(why), "keepalive: no PING ACK within %gs", P.cfg->keepalive_timeout_s);
     fs_h2conn_close(h, why);

@@ -20,7 +20,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -139,8 +138,9 @@ class Events:
     Every complete line must be one JSON object with the envelope fields;
     a line that is not fails the test that reads it."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, role: str = "link"):
         self.path = path
+        self.role = role
 
     def all(self) -> list[dict]:
         try:
@@ -159,7 +159,7 @@ class Events:
                 assert key in ev, f"event without {key!r}: {raw[:300]!r}"
             assert TS_RE.match(ev["ts"]), f"ts not RFC 3339 UTC with microseconds: {raw[:300]!r}"
             assert ev["level"] in ("debug", "info", "warn", "error"), raw[:300]
-            assert ev["role"] == "link", raw[:300]
+            assert ev["role"] == self.role, raw[:300]
             out.append(ev)
         return out
 
@@ -439,6 +439,12 @@ def make_sidecar(tmp_path):
         return sc
 
     yield make
+    check_all_clean_exits(started)
+
+
+def check_all_clean_exits(started: list) -> None:
+    """Fixture teardown: check_clean_exit on every sidecar that was started;
+    one failure lists them all."""
     errors = []
     for sc in started:
         if sc.proc is None:

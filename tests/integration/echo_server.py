@@ -172,13 +172,19 @@ def main():
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=a.workers), options=opts,
                          maximum_concurrent_rpcs=None)
     server.add_generic_rpc_handlers((handlers(),))
-    if a.tls_cert:
-        creds = grpc.ssl_server_credentials([(open(a.tls_key, "rb").read(), open(a.tls_cert, "rb").read())])
-        port = server.add_secure_port(a.listen, creds)
+    serve(server, a.listen, a.tls_cert, a.tls_key)
+
+
+def serve(server, listen, tls_cert=None, tls_key=None):
+    """Binds |server| to |listen| (TLS when |tls_cert| is given), prints
+    "listening PORT" for the test that started us, and serves until killed."""
+    if tls_cert:
+        creds = grpc.ssl_server_credentials([(open(tls_key, "rb").read(), open(tls_cert, "rb").read())])
+        port = server.add_secure_port(listen, creds)
     else:
-        port = server.add_insecure_port(a.listen)
+        port = server.add_insecure_port(listen)
     if port == 0:
-        sys.exit("cannot listen on %s" % a.listen)
+        sys.exit("cannot listen on %s" % listen)
     server.start()
     print("listening %d" % port, flush=True)
     server.wait_for_termination()

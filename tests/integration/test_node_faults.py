@@ -1,0 +1,1021 @@
+"""`flower-sidecar node` on a real, impaired link (issue 5; /tmp/node-spec.md).
+
+    make -s all && /usr/bin/python3 -m pytest -q -p no:cacheprovider tests/integration/test_node_faults.py
+    FS_SIDECAR_BIN=build/flower-sidecar-asan /usr/bin/python3 -m pytest ...   (make build/flower-sidecar-asan)
+
+Root only (network namespaces, nftables); skipped with a message otherwise.
+
+Topology, built per test (tests/integration/netns.py):
+
+    ns A (fsA-<pid>-<n>)                                ns B (fsB-<pid>-<n>)
+    emulated SuperLink  h2c 127.0.0.1:9192              emulated SuperNodes --insecure
+          ^                                                   |  h2c
+    flower-sidecar link  TLS 10.213.x.1:9092  <--veth-->  flower-sidecar node 127.0.0.1:9092
+    (auto CA in a tmp --tls-dir, --tls-san 10.213.x.1)    (--tls-ca that ca.pem, verifies the IP)
+
+Both sidecars have their admin port on 127.0.0.1:9099 of their namespace;
+health is read with build/flower-probe and /metrics with curl, both run in
+namespace B.  Faults are nftables netdev ingress chains on both veth ends:
+a silent blackhole (policy drop) or random loss (numgen random mod 100 < N).
+
+Small timings everywhere: --keepalive-time 1 --keepalive-timeout 1
+--backoff-initial 0.5 --backoff-max 2 --connect-timeout 3 on the node
+sidecar; the SuperNodes poll every 0.2 s and retry UNAVAILABLE after at most
+0.5 s.  They announce a heartbeat interval of 60 s (a heartbeat every ~40 s)
+so that the SuperLink never declares a node offline during an outage, and no
+5 s-deadline heartbeat happens to fall into one (that case has its own test,
+test_held_call_with_deadline_ends_unavailable).
+
+Tests (each builds its own namespaces and processes):
+  baseline ....................... 2 nodes x 3 rounds through both sidecars, one
+                                   TLS connection, health SERVING, nothing retried
+  keepalive (one silent call) .... PINGs only while a call is open, RTT gauge;
+                                   silent blackhole -> upstream.down (keepalive
+                                   reason) within KT+KTO+1 s, NOT_SERVING, the call
+                                   UNAVAILABLE at once; backoff, upstream.up, SERVING
+  keepalive bound after an ACK ... KT 1 / KTO 3: dead within 5 s of the last byte
+  blackhole during federation .... 20 MB model in flight; detection, NOT_SERVING,
+                                   in-flight PullMessages UNAVAILABLE (never
+                                   repeated), reconnect, run completes, no duplicates
+  short outage ................... calls during an outage shorter than
+                                   --hold-timeout are held and succeed
+  outage > hold-timeout .......... held calls end UNAVAILABLE "flower-sidecar:
+                                   upstream ... unreachable ..." after 2 s; run completes
+  held call with a deadline ...... grpc-timeout < hold-timeout ends UNAVAILABLE,
+                                   not DEADLINE_EXCEEDED
+  random loss .................... 20 % each way for a whole run: completes, exactly
+                                   one reply per instruction
+  backoff schedule ............... kill -9 of the link: delays x1.6 +-20 % capped,
+                                   held calls cause no extra attempts, restart ->
+                                   upstream.up + SERVING, schedule reset after SETTINGS
+  strict upstream ................ grpcio TLS server: too_many_pings doubles the
+                                   keepalive time, one reconnect
+
+Judged against the Fleet emulator's own counters (stats file of the
+SuperLink, summary files of the SuperNodes) and logs: every round
+completes, each instruction gets exactly one reply, and the SuperLink never
+receives more side-effecting calls (PushMessages, PullMessages,
+ConfirmMessageReceived, node register/activate/deactivate/unregister) than
+the SuperNodes made: a surplus would be a repeat made by the sidecar.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import select
+import subprocess
+import time
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+import netns
+import procs
+from conftest import FIGURES, IS_ASAN, SANITIZER_MARKERS, SIDECAR, SLOW, Events, make_ca, \
+    make_server_cert, wait_for
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+PY = "/usr/bin/python3"
+EMULATOR = str(ROOT / "tests" / "emulator" / "fleet_emulator.py")
+ECHO = str(HERE / "echo_server.py")
+PROBE = str(ROOT / "build" / "flower-probe")
+CURL = "/usr/bin/curl"
+
+if not netns.is_root():
+    pytest.skip("test_node_faults.py needs root (network namespaces, nftables): skipped",
+                allow_module_level=True)
+
+# --- the node sidecar's timings under test ----------------------------------
+KT = 1.0                 # --keepalive-time
+KTO = 1.0                # --keepalive-timeout
+BACKOFF_INITIAL = 0.5
+BACKOFF_MAX = 2.0
+CONNECT_TIMEOUT = 3.0
+DETECT_BOUND = KT + KTO + 1.0   # issue 5: dead link declared within keepalive time + timeout + 1 s
+# From the link's return to the connection being back: an attempt started
+# during the outage can still be waiting for its SYN (connect timeout), then
+# at most one backoff delay (capped at BACKOFF_MAX), plus the TLS handshake.
+RECONNECT_BOUND = CONNECT_TIMEOUT + BACKOFF_MAX + 1.5
+NODE_TIMINGS = {"--keepalive-time": KT, "--keepalive-timeout": KTO, "--backoff-initial": BACKOFF_INITIAL,
+                "--backoff-max": BACKOFF_MAX, "--connect-timeout": CONNECT_TIMEOUT}
+
+SUPERLINK_PORT = 9192    # emulator / echo / strict server, 127.0.0.1 in ns A (strict: veth)
+LINK_PORT = 9092         # link sidecar on the veth address of ns A
+NODE_PORT = 9092         # node sidecar, 127.0.0.1 in ns B
+ADMIN_PORT = 9099        # both sidecars, 127.0.0.1 of their namespace
+
+HEARTBEAT_INTERVAL = "60"
+FAST_NODE = ["--poll-interval", "0.2", "--max-retry-wait", "0.5",
+             "--heartbeat-interval", HEARTBEAT_INTERVAL]
+RUN_TIMEOUT = 60 * SLOW  # one federation, impairments included
+
+# Fleet methods the sidecar must never repeat (node/spec: they end UNAVAILABLE).
+NEVER_REPEATED = ("PushMessages", "PullMessages", "ConfirmMessageReceived", "RegisterNode",
+                  "ActivateNode", "DeactivateNode", "UnregisterNode")
+
+SIDECAR_DOWN_RE = re.compile(r"^flower-sidecar: ")
+# A held call that timed out.  It says when the next connection attempt is:
+# "next attempt in N s", or, while an attempt is under way, that it is.
+UNREACHABLE_RE = re.compile(r"^flower-sidecar: upstream (?P<up>\S+) unreachable\b.*"
+                            r"(next attempt in (?P<n>\d+(?:\.\d+)?) ?s\b|attempt is in progress)")
+# The same between attempts (nothing under way): the delay must be given.
+NEXT_ATTEMPT_RE = re.compile(r"^flower-sidecar: upstream (?P<up>\S+) unreachable\b.*"
+                             r"next attempt in (?P<n>\d+(?:\.\d+)?) ?s\b")
+KEEPALIVE_REASON_RE = re.compile(r"^keepalive: no PING ACK within \d+(?:\.\d+)? ?s$")
+# TCP_USER_TIMEOUT is the keepalive timeout too: when request bytes (or the
+# PING itself) are unacknowledged, the kernel may give up on the socket at the
+# same moment as the keepalive timer.  Either proves the silent link was seen.
+SILENT_LINK_REASON_RE = re.compile(r"keepalive|timed out|timeout", re.I)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def ev_time(ev: dict) -> float:
+    return dt.datetime.strptime(ev["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=dt.timezone.utc).timestamp()
+
+
+def figure(text: str) -> None:
+    FIGURES.append(f"[{os.path.basename(SIDECAR)}] {text}")
+
+
+def listening_in(pid: int, port: int) -> bool:
+    """A LISTEN socket on |port| in the network namespace of process |pid|
+    (read from /proc/PID/net: no connection is made)."""
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/{pid}/net/{name}") as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    if parts[3] == "0A" and int(parts[1].rsplit(":", 1)[1], 16) == port:
+                        return True
+        except (OSError, StopIteration):
+            pass
+    return False
+
+
+class NsSidecar:
+    """One flower-sidecar process inside a namespace; events on stdout (a
+    file), stderr in another file."""
+
+    def __init__(self, fed: "Fed", name: str, role: str, side: str, argv_tail: list[str],
+                 listen_port: int):
+        self.fed, self.name, self.role, self.side = fed, name, role, side
+        self.argv_tail = argv_tail
+        self.listen_port = listen_port
+        self.events = Events(fed.tmp / f"{name}.events", role)
+        self.stderr_path = fed.tmp / f"{name}.stderr"
+        self.proc: Optional[subprocess.Popen] = None
+        self.killed = False   # by the test (kill -9): no clean exit expected
+        self.starts = 0
+
+    def start(self, wait_up: bool = True) -> "NsSidecar":
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
+        if IS_ASAN:
+            env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":quarantine_size_mb=16:detect_leaks=1"
+            env.setdefault("UBSAN_OPTIONS", "print_stacktrace=1")
+        since = len(self.events.all())
+        with open(self.events.path, "ab") as out, open(self.stderr_path, "ab") as err:
+            self.proc = subprocess.Popen(
+                self.fed.topo.argv(self.side, SIDECAR, self.role, *self.argv_tail),
+                stdin=subprocess.DEVNULL, stdout=out, stderr=err, env=env, start_new_session=True)
+        self.starts += 1
+        self.killed = False
+        wait_for(lambda: self.proc.poll() is not None or listening_in(self.proc.pid, self.listen_port),
+                 10 * SLOW, f"{self.name} listening on port {self.listen_port}")
+        assert self.proc.poll() is None, \
+            f"{self.name} exited with {self.proc.returncode}:\n{self.logs()}"
+        if wait_up:
+            self.events.wait("upstream.up", timeout=15, since=since)
+        return self
+
+    def kill9(self) -> None:
+        self.killed = True
+        self.proc.kill()  # SIGKILL, by PID
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> Optional[str]:
+        """SIGTERM (SIGKILL after a while); a problem description or None."""
+        if self.proc is None:
+            return None
+        rc = procs.stop(self.proc, timeout=15 * SLOW)
+        problems = []
+        if rc != 0 and not self.killed:
+            problems.append(f"exit code {rc} (expected 0 after SIGTERM)")
+        err = self.stderr()
+        if any(m in err for m in SANITIZER_MARKERS):
+            problems.append("sanitizer report:\n" + err[-6000:])
+        try:
+            self.events.all()
+        except AssertionError as e:
+            problems.append(str(e))
+        return f"{self.name}: " + "; ".join(problems) if problems else None
+
+    def stderr(self) -> str:
+        try:
+            return self.stderr_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def logs(self, lines: int = 60) -> str:
+        return (f"--- {self.name} events (tail) ---\n{procs.tail(str(self.events.path), lines)}\n"
+                f"--- {self.name} stderr (tail) ---\n{procs.tail(str(self.stderr_path), lines)}")
+
+
+CLIENT_PY = r'''
+import json, sys, time
+import grpc
+target, method, timeout, count, payload = sys.argv[1:6]
+timeout = None if timeout == "none" else float(timeout)
+ch = grpc.insecure_channel(target, options=[("grpc.enable_retries", 0)])
+grpc.channel_ready_future(ch).result(timeout=10)
+print("ready", flush=True)
+sys.stdin.readline()
+out = []
+for _ in range(int(count)):
+    t0 = time.time()
+    try:
+        ch.unary_unary(method)(payload.encode(), timeout=timeout)
+        code, details = "OK", ""
+    except grpc.RpcError as e:
+        code, details = e.code().name, e.details() or ""
+    out.append({"code": code, "details": details, "t0": t0, "t1": time.time()})
+print(json.dumps(out), flush=True)
+'''
+
+
+class NsClient:
+    """A grpcio client (no retries) in ns B calling the node sidecar: connects
+    first, then makes its call(s) when go() is called."""
+
+    def __init__(self, fed: "Fed", method: str, timeout: Optional[float] = None, count: int = 1,
+                 payload: str = ""):
+        script = fed.tmp / "nsclient.py"
+        if not script.exists():
+            script.write_text(CLIENT_PY)
+        self.fed = fed
+        self.proc = subprocess.Popen(
+            fed.topo.argv("b", PY, str(script), f"127.0.0.1:{NODE_PORT}", method,
+                          "none" if timeout is None else f"{timeout:g}", str(count), payload),
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+        fed.clients.append(self)
+        r, _, _ = select.select([self.proc.stdout], [], [], 20)
+        line = self.proc.stdout.readline() if r else ""
+        assert line.strip() == "ready", f"client did not get ready: {line!r} {self.proc.stderr.read()[-2000:] if self.proc.poll() is not None else ''}"
+        self.t_go = 0.0
+
+    def go(self) -> "NsClient":
+        self.t_go = time.time()
+        self.proc.stdin.write("go\n")
+        self.proc.stdin.flush()
+        return self
+
+    def result(self, timeout: float) -> list[dict]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate(timeout=5)
+            raise AssertionError(f"client call(s) still not answered after {timeout:.1f} s") from None
+        lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+        assert lines, f"client printed no result: {out[-1000:]!r} {err[-2000:]}"
+        return json.loads(lines[-1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=5)
+
+
+SUPERNODE_UNAVAILABLE_RE = re.compile(
+    r"^(?P<hms>\d\d:\d\d:\d\d\.\d{3}) supernode: (?P<method>\w+): UNAVAILABLE \((?P<details>.*)\); retry \d+ in")
+
+
+class Fed:
+    """Everything one test starts, in its own pair of namespaces; teardown
+    stops it all by PID and deletes the namespaces."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.topo = netns.Topology.create()
+        self.group = procs.ProcGroup(tmp)
+        self.sidecars: list[NsSidecar] = []
+        self.clients: list[NsClient] = []
+        self.link: Optional[NsSidecar] = None
+        self.node: Optional[NsSidecar] = None
+        self.superlink = None
+        self.stats_path = tmp / "superlink.json"
+        self.nodes: list[tuple] = []
+        self.tls_dir = tmp / "link-tls"
+
+    @property
+    def a(self) -> str:
+        return self.topo.addr["a"]
+
+    @property
+    def link_addr(self) -> str:
+        return f"{self.a}:{LINK_PORT}"
+
+    # -- processes ------------------------------------------------------------
+
+    def start_superlink(self, nodes: int = 2, rounds: int = 3, array_bytes: int = 65536, *extra):
+        self.superlink = self.group.start("superlink", self.topo.argv(
+            "a", PY, EMULATOR, "superlink", "--listen", f"127.0.0.1:{SUPERLINK_PORT}",
+            "--nodes", str(nodes), "--rounds", str(rounds), "--array-bytes", str(array_bytes),
+            "--stats-file", str(self.stats_path), "--exit-when-done", "--done-grace", "5", *extra))
+        self._wait_listening(self.superlink, SUPERLINK_PORT, "superlink")
+        return self.superlink
+
+    def start_echo(self):
+        self.superlink = self.group.start("echo", self.topo.argv(
+            "a", PY, ECHO, "--listen", f"127.0.0.1:{SUPERLINK_PORT}"))
+        self._wait_listening(self.superlink, SUPERLINK_PORT, "echo")
+        return self.superlink
+
+    def _wait_listening(self, proc, port, name):
+        wait_for(lambda: proc.poll() is not None or listening_in(proc.pid, port), 20 * SLOW,
+                 f"{name} listening on {port}")
+        assert proc.poll() is None, f"{name} exited:\n{self.group.logs()}"
+
+    def start_link(self, *extra: str, log_level: str = "INFO") -> NsSidecar:
+        if self.link is None:
+            self.link = NsSidecar(self, "link", "link", "a", [
+                "--listen", self.link_addr, "--upstream", f"127.0.0.1:{SUPERLINK_PORT}",
+                "--admin", f"127.0.0.1:{ADMIN_PORT}", "--tls-dir", str(self.tls_dir),
+                "--tls-san", self.a, "--drain-timeout", "2", "--log-level", log_level, *extra],
+                LINK_PORT)
+            self.sidecars.append(self.link)
+        return self.link.start()
+
+    def start_node(self, *extra: str, upstream: Optional[str] = None, ca: Optional[Path] = None,
+                   wait_up: bool = True, timings: Optional[dict] = None) -> NsSidecar:
+        """timings: flags of NODE_TIMINGS to set to other values."""
+        if self.node is None:
+            t = {**NODE_TIMINGS, **(timings or {})}
+            self.node = NsSidecar(self, "node", "node", "b", [
+                "--upstream", upstream or self.link_addr,
+                "--tls-ca", str(ca or (self.tls_dir / "ca.pem")),
+                "--listen", f"127.0.0.1:{NODE_PORT}", "--admin", f"127.0.0.1:{ADMIN_PORT}",
+                "--drain-timeout", "2", *(x for k, v in t.items() for x in (k, f"{v:g}")), *extra],
+                NODE_PORT)
+            self.sidecars.append(self.node)
+        return self.node.start(wait_up=wait_up)
+
+    def start_supernodes(self, n: int = 2, rounds: int = 3, *extra: str) -> None:
+        for i in range(n):
+            name = f"supernode{len(self.nodes)}"
+            summary = self.tmp / f"{name}.json"
+            p = self.group.start(name, self.topo.argv(
+                "b", PY, EMULATOR, "supernode", "--upstream", f"127.0.0.1:{NODE_PORT}", "--insecure",
+                *FAST_NODE, "--rounds", str(rounds), "--summary-file", str(summary), *extra))
+            self.nodes.append((name, p, summary))
+
+    def wait_federation(self, timeout: float = RUN_TIMEOUT) -> tuple[dict, list[dict]]:
+        """Waits for the SuperNodes and the SuperLink to exit; (stats, summaries)."""
+        deadline = time.monotonic() + timeout
+        for name, p, _ in self.nodes + [("superlink", self.superlink, None)]:
+            try:
+                rc = procs.wait_exit(p, max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                raise AssertionError(
+                    f"federation not finished after {timeout:.0f} s ({name} still running)\n"
+                    f"{self.stats_digest()}\n{self.logs()}") from None
+            assert rc == 0, f"{name} exited with {rc}\n{self.logs()}"
+        return self.stats(), [json.loads(s.read_text()) for _, _, s in self.nodes]
+
+    def stats(self) -> dict:
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def stats_digest(self) -> str:
+        s = self.stats()
+        keep = ("done", "rounds_completed", "rounds", "calls", "replies_total", "conflicting_replies",
+                "auth_failures", "nodes")
+        # An instruction handed out (PullMessages) but never confirmed: its
+        # answer was lost on the way to the node.  Flower's SuperLink never
+        # hands a message out twice, so that round cannot complete.
+        lost = sorted(set(s.get("dispatch_by_message_id", {})) - set(s.get("confirm_by_message_id", {})))
+        return ("superlink stats: " + json.dumps({k: s.get(k) for k in keep})[:3000] +
+                f"\ndispatched but never confirmed: {lost}")
+
+    def supernode_unavailable(self) -> list[dict]:
+        """Every UNAVAILABLE the SuperNodes saw (from their logs): node, method,
+        details, time (epoch s)."""
+        out = []
+        today = dt.datetime.now(dt.timezone.utc).date()
+        for name, _, _ in self.nodes:
+            for line in procs.tail(self.group.log_path(name), 100000).splitlines():
+                m = SUPERNODE_UNAVAILABLE_RE.match(line)
+                if m:
+                    t = dt.datetime.combine(today, dt.time.fromisoformat(m["hms"]),
+                                            tzinfo=dt.timezone.utc).timestamp()
+                    out.append({"node": name, "method": m["method"], "details": m["details"], "t": t})
+        return out
+
+    def logs(self) -> str:
+        parts = [self.group.logs(30)]
+        parts += [sc.logs(40) for sc in self.sidecars if sc.proc is not None]
+        return "\n".join(parts)
+
+    # -- admin port of the node sidecar (ns B) --------------------------------
+
+    def probe(self, side: str = "b") -> int:
+        """flower-probe exit code: 0 SERVING, 4 NOT_SERVING, 2/3 no answer."""
+        r = subprocess.run(self.topo.argv(side, PROBE, "-addr", f"127.0.0.1:{ADMIN_PORT}", "-service",
+                                          "flwr.proto.Fleet", "-connect-timeout", "1s",
+                                          "-rpc-timeout", "1s"),
+                           capture_output=True, text=True, timeout=10)
+        return r.returncode
+
+    def wait_probe(self, code: int, timeout: float, side: str = "b") -> float:
+        """Polls until flower-probe exits |code|; the time it first did."""
+        last = []
+
+        def check():
+            rc = self.probe(side)
+            last[:] = [rc]
+            return time.time() if rc == code else None
+        try:
+            return wait_for(check, timeout, f"flower-probe exit {code}", interval=0.05)
+        except AssertionError as e:
+            raise AssertionError(f"{e} (last exit code {last})\n{self.logs()}") from None
+
+    def metrics(self, side: str = "b") -> dict:
+        """{metric name: value summed over its series} from GET /metrics."""
+        r = subprocess.run(self.topo.argv(side, CURL, "-sS", "--max-time", "3",
+                                          f"http://127.0.0.1:{ADMIN_PORT}/metrics"),
+                           capture_output=True, text=True, timeout=10)
+        assert r.returncode == 0, f"GET /metrics failed: {r.stderr}"
+        out: dict[str, float] = {}
+        for line in r.stdout.splitlines():
+            if not line or line.startswith("#"):
+                continue
+            m = re.match(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)", line)
+            if m:
+                out[m[1]] = out.get(m[1], 0.0) + float(m[3])
+        return out
+
+    def metric(self, name: str, side: str = "b") -> float:
+        m = self.metrics(side)
+        assert name in m, f"metric {name} missing from /metrics of ns {side}: have {sorted(m)}"
+        return m[name]
+
+    # -- teardown -------------------------------------------------------------
+
+    def teardown(self) -> list[str]:
+        problems = []
+        try:
+            self.topo.clear()   # so that draining sidecars can finish quickly
+        except Exception as e:  # noqa: BLE001 - teardown must go on
+            problems.append(f"clearing faults: {e}")
+        for c in self.clients:
+            c.stop()
+        for name, p, _ in self.nodes:
+            procs.stop(p, timeout=3)
+        for sc in reversed(self.sidecars):
+            p = sc.stop()
+            if p:
+                problems.append(p + "\n" + sc.logs())
+        self.group.stop_all(timeout=3)
+        self.topo.destroy()
+        return problems
+
+
+@pytest.fixture(scope="module", autouse=True)
+def prerequisites():
+    for path in (SIDECAR, PROBE):
+        assert os.access(path, os.X_OK), f"{path} missing: run make -s all"
+    netns.cleanup_stale()
+    subprocess.run(["make", "-s", "-C", str(ROOT), "proto-py"], check=True, timeout=120)
+
+
+@pytest.fixture
+def fed(tmp_path):
+    f = Fed(tmp_path)
+    try:
+        yield f
+    finally:
+        problems = f.teardown()
+    if problems:
+        pytest.fail("\n\n".join(problems), pytrace=False)
+
+
+def start_federation(fed: Fed, *node_flags: str, nodes: int = 2, rounds: int = 3,
+                     array_bytes: int = 65536, link_log_level: str = "INFO") -> None:
+    fed.start_superlink(nodes, rounds, array_bytes)
+    fed.start_link(log_level=link_log_level)
+    fed.start_node(*node_flags)
+    fed.start_supernodes(nodes, rounds)
+
+
+def assert_federation(fed: Fed, stats: dict, summaries: list[dict], nodes: int = 2,
+                      rounds: int = 3) -> None:
+    """The run completed and nothing was lost, duplicated or altered."""
+    ctx = f"{fed.stats_digest()}\n{fed.logs()}"
+    assert stats.get("done"), ctx
+    assert stats["rounds_completed"] == {"train": rounds, "evaluate": rounds}, ctx
+    for r in stats["rounds"]:
+        assert (r["dispatched"], r["replies"], r["missing"]) == (nodes, nodes, 0), (r, ctx)
+    for key in ("auth_failures", "integrity_errors", "late_replies", "conflicting_replies",
+                "handler_crashes", "driver_crashed", "injected_failures"):
+        assert stats[key] == 0, (key, stats[key], ctx)
+    assert stats["nodes"]["offline"] == [], ctx
+    for s in summaries:
+        assert s["exit_reason"] == "done" and s["fatal"] is None, (s["exit_reason"], s["fatal"], ctx)
+        assert s["replies"] == 2 * rounds, ctx
+        # Everything a SuperNode had to retry was UNAVAILABLE (Flower retries
+        # nothing else).
+        assert set(s["errors_by_status"]) <= {"UNAVAILABLE"}, (s["errors_by_status"], ctx)
+
+    # Each instruction handed out once and answered exactly once.
+    instr = [i["message_id"] for s in summaries for i in s["instructions"]]
+    replies = [i["reply_id"] for s in summaries for i in s["instructions"]]
+    assert len(set(instr)) == len(instr) == 2 * rounds * nodes, ctx
+    assert len(set(replies)) == len(replies) == 2 * rounds * nodes, ctx
+    assert stats["dispatch_by_message_id"] == {i: 1 for i in instr}, ctx
+    assert stats["replies_total"] == 2 * rounds * nodes, ctx
+
+    # No side-effecting call repeated by the sidecar: the SuperLink got at
+    # most what the SuperNodes sent (their own retries included) ...
+    for m in NEVER_REPEATED:
+        sent = sum(s["calls"].get(m, 0) for s in summaries)
+        got = stats["calls"].get(m, 0)
+        assert got <= sent, f"SuperLink received {got} {m} calls, the SuperNodes made {sent}\n{ctx}"
+    # ... and per message: once, plus at most that node's own retries.
+    for s in summaries:
+        push_retries = s["retries_by_method"].get("PushMessages", 0)
+        confirm_retries = s["retries_by_method"].get("ConfirmMessageReceived", 0)
+        for i in s["instructions"]:
+            n = stats["push_messages_by_message_id"].get(i["reply_id"], 0)
+            assert 1 <= n <= 1 + push_retries, (i["reply_id"], n, push_retries, ctx)
+            n = stats["confirm_by_message_id"].get(i["message_id"], 0)
+            assert 1 <= n <= 1 + confirm_retries, (i["message_id"], n, confirm_retries, ctx)
+    # Every UNAVAILABLE a SuperNode saw was made up by the sidecar (and
+    # retryable for Flower 1.26).
+    for u in fed.supernode_unavailable():
+        assert SIDECAR_DOWN_RE.match(u["details"]), (u, ctx)
+        assert "handshake failed" not in u["details"], (u, ctx)
+
+
+def wait_down(fed: Fed, since: int, timeout: float) -> dict:
+    try:
+        return fed.node.events.wait("upstream.down", timeout=timeout, since=since)
+    except AssertionError as e:
+        raise AssertionError(f"{e}\n{fed.logs()}") from None
+
+
+# ------------------------------------------------------------------ tests
+
+
+def test_baseline_federation_through_node_and_link(fed):
+    """2 SuperNodes, 3 rounds: node sidecar -> TLS over the veth -> link
+    sidecar -> SuperLink, on one multiplexed connection, nothing retried."""
+    t0 = time.monotonic()
+    fed.start_superlink(2, 3)
+    fed.start_link()
+    # Hostname verification against the name instead of the IP (the auto
+    # certificate has localhost too).
+    fed.start_node("--tls-server-name", "localhost")
+    assert fed.probe() == 0, fed.logs()
+    assert fed.metric("flower_sidecar_upstream_up") == 1
+    fed.start_supernodes(2, 3)
+    stats, summaries = fed.wait_federation()
+    assert_federation(fed, stats, summaries)
+    for s in summaries:
+        assert s["retries"] == 0 and s["errors_by_status"] == {}, s
+    assert fed.probe() == 0, fed.logs()
+
+    # The node sidecar carried both SuperNodes over ONE TLS connection.
+    opens = fed.link.events.find("conn.open", peer=lambda p: p.startswith(fed.topo.addr["b"] + ":"))
+    assert len(opens) == 1, opens
+    assert opens[0]["tls_version"] in ("TLSv1.3", "TLSv1.2") and opens[0]["alpn"] == "h2", opens
+    assert fed.node.events.find("upstream.down") == [], fed.node.logs()
+    up = fed.node.events.find("upstream.up")
+    assert len(up) == 1 and up[0]["upstream"] == fed.link_addr, up
+    assert len(fed.node.events.find("conn.open")) == 2, fed.node.logs()  # one per SuperNode
+    m = fed.metrics()
+    assert m.get("flower_sidecar_upstream_connects_total") == 1, m
+    # Requests went out at once: nothing had to wait for the upstream.
+    assert m.get("flower_sidecar_calls_held_total", 0) == 0, m
+    assert m.get("flower_sidecar_calls_failed_upstream_down_total", 0) == 0, m
+    assert m.get("flower_sidecar_call_retries_total", 0) == 0, m
+    figure(f"baseline federation (2 nodes, 3 rounds) via node+link sidecars: "
+           f"{time.monotonic() - t0:.1f} s including start-up")
+
+
+def test_keepalive_detects_silent_blackhole_with_call_in_flight(fed):
+    """One long call in flight and nothing else: PINGs flow while it is open
+    (RTT measured); a silent blackhole is declared dead within keepalive
+    time + timeout (+1 s): upstream.down, NOT_SERVING, the call UNAVAILABLE
+    at once (not after TCP's minutes); after the link returns the sidecar
+    reconnects (backoff, then upstream.up) and is SERVING again."""
+    fed.start_echo()
+    fed.start_link()
+    fed.start_node()
+    m0 = fed.metrics()
+    assert m0.get("flower_sidecar_keepalive_pings_total", 0) == 0, \
+        "PINGs were sent while no call was open"
+    # A 30 s call that stays silent: without keepalive nothing would notice.
+    call = NsClient(fed, "/test.Echo/Sleep", payload="30").go()
+    time.sleep(KT * 2.5)
+    m1 = fed.metrics()
+    pings = m1.get("flower_sidecar_keepalive_pings_total")
+    assert pings is not None and pings >= 1, f"no keepalive PING during a silent call: {m1}"
+    rtt = m1.get("flower_sidecar_upstream_ping_rtt_seconds")
+    assert rtt is not None and 0 < rtt < 0.5, f"ping RTT gauge: {rtt}"
+    assert fed.probe() == 0
+
+    mark = len(fed.node.events.all())
+    t_bh = time.time()
+    fed.topo.blackhole()
+    down = wait_down(fed, mark, DETECT_BOUND + 5)
+    detect = ev_time(down) - t_bh
+    figure(f"silent blackhole, one call open: upstream.down after {detect:.2f} s "
+           f"(reason {down['reason']!r})")
+    assert detect <= DETECT_BOUND, f"dead link declared after {detect:.2f} s: {down}"
+    assert down["upstream"] == fed.link_addr, down
+    assert SILENT_LINK_REASON_RE.search(down["reason"]), down
+    assert KEEPALIVE_REASON_RE.match(down["reason"]), \
+        f"upstream.down reason is not the keepalive one: {down['reason']!r}"
+    assert down["level"] == "warn", down
+
+    t_ns = fed.wait_probe(4, DETECT_BOUND + 2)
+    assert t_ns - t_bh <= DETECT_BOUND + 0.5, f"health NOT_SERVING {t_ns - t_bh:.2f} s after the blackhole"
+    hc = fed.node.events.find("health.change", since=mark, to="NOT_SERVING")
+    assert hc and ev_time(hc[0]) - t_bh <= DETECT_BOUND, hc
+
+    [r] = call.result(timeout=DETECT_BOUND + 5)
+    assert r["code"] == "UNAVAILABLE", r
+    assert SIDECAR_DOWN_RE.match(r["details"]), r
+    assert "handshake failed" not in r["details"], r
+    assert r["t1"] - t_bh <= DETECT_BOUND + 0.3, f"in-flight call ended {r['t1'] - t_bh:.2f} s after the blackhole"
+    assert fed.metric("flower_sidecar_calls_failed_upstream_down_total") >= 1
+
+    # Outage: reconnect attempts with backoff while the link is silent.
+    time.sleep(max(0.0, t_bh + 7 - time.time()))
+    assert fed.node.events.find("upstream.backoff", since=mark), fed.node.logs()
+    assert fed.probe() == 4
+    restore_link(fed, mark, "link back")
+    # And calls go through again.
+    [r] = NsClient(fed, "/test.Echo/Unary", timeout=5, payload="hello").go().result(timeout=10)
+    assert r["code"] == "OK", r
+
+
+def restore_link(fed, mark: int, label: str) -> None:
+    """Ends the blackhole; the node must reconnect within RECONNECT_BOUND and
+    report SERVING again."""
+    t_clear = time.time()
+    fed.topo.clear()
+    up = fed.node.events.wait("upstream.up", timeout=RECONNECT_BOUND + 5, since=mark)
+    back = ev_time(up) - t_clear
+    figure(f"{label} -> upstream.up after {back:.2f} s")
+    assert back <= RECONNECT_BOUND, f"upstream.up {back:.2f} s after the link returned"
+    fed.wait_probe(0, 3)
+
+
+def test_keepalive_detection_bound_right_after_ping_ack(fed):
+    """The bound counts from the last byte received: with --keepalive-time 1
+    --keepalive-timeout 3, a link that goes silent right after a PING ACK is
+    declared dead within 1 + 3 (+1) s; the next PING is due 1 s after that
+    ACK, not when the sidecar happens to look again."""
+    kt, kto = 1.0, 3.0
+    fed.start_echo()
+    fed.start_link()
+    fed.start_node(timings={"--keepalive-time": kt, "--keepalive-timeout": kto})
+    call = NsClient(fed, "/test.Echo/Sleep", payload="30").go()
+
+    # The first PING's ACK is back once the RTT gauge is set.
+    def acked():
+        m = fed.metrics()
+        return m if m.get("flower_sidecar_upstream_ping_rtt_seconds", 0) > 0 else None
+    m = wait_for(acked, kt + kto + 2, "the first PING ACK (ping RTT gauge)", interval=0.01)
+    assert m.get("flower_sidecar_keepalive_pings_total") == 1, m
+    mark = len(fed.node.events.all())
+    t_bh = time.time()
+    fed.topo.blackhole()
+    bound = kt + kto + 1.0
+    down = wait_down(fed, mark, bound + 6)
+    detect = ev_time(down) - t_bh
+    figure(f"keepalive {kt:g}/{kto:g} s, silent right after a PING ACK: upstream.down after "
+           f"{detect:.2f} s (bound {bound:g} s), reason {down['reason']!r}")
+    assert SILENT_LINK_REASON_RE.search(down["reason"]), down
+    assert detect <= bound, f"dead link declared {detect:.2f} s after the last byte (bound {bound:g} s): {down}"
+    [r] = call.result(timeout=10)
+    assert r["code"] == "UNAVAILABLE" and r["t1"] - t_bh <= bound + 0.3, r
+
+
+def test_blackhole_during_federation(fed):
+    """A silent blackhole of ~7 s while object transfers of a 20 MB model are
+    in flight: detection within the keepalive bound, NOT_SERVING, in-flight
+    non-repeatable calls end UNAVAILABLE promptly, reconnect after the link
+    returns, and the federation completes with no duplicated or conflicting
+    replies."""
+    start_federation(fed, array_bytes=20_000_000, link_log_level="DEBUG")
+    # Trigger: the first model chunk handed to a node; the rest are in flight.
+    wait_for(lambda: fed.link.events.find("object.pull", object_type="ArrayChunk"), 30 * SLOW,
+             f"a model chunk pulled\n{fed.logs()}")
+    # A PullMessages of our own (no Flower auth headers) put on the dead link
+    # right away: in flight, never repeatable; if the sidecar ever repeated
+    # it the SuperLink would count an auth failure.
+    probe_call = NsClient(fed, "/flwr.proto.Fleet/PullMessages")
+    mark = len(fed.node.events.all())
+    t_bh = time.time()
+    fed.topo.blackhole()
+    probe_call.go()
+    down = wait_down(fed, mark, DETECT_BOUND + 5)
+    detect = ev_time(down) - t_bh
+    figure(f"blackhole during federation: upstream.down after {detect:.2f} s "
+           f"(reason {down['reason']!r})")
+    assert detect <= DETECT_BOUND, f"dead link declared after {detect:.2f} s: {down}"
+    assert SILENT_LINK_REASON_RE.search(down["reason"]), down
+    t_ns = fed.wait_probe(4, DETECT_BOUND + 2)
+    assert t_ns - t_bh <= DETECT_BOUND + 0.5, f"NOT_SERVING {t_ns - t_bh:.2f} s after the blackhole"
+    [r] = probe_call.result(timeout=DETECT_BOUND + 5)
+    assert r["code"] == "UNAVAILABLE" and SIDECAR_DOWN_RE.match(r["details"]), r
+    assert r["t1"] - t_bh <= DETECT_BOUND + 0.3, f"in-flight call ended {r['t1'] - t_bh:.2f} s after the blackhole"
+
+    time.sleep(max(0.0, t_bh + 7 - time.time()))
+    assert fed.node.events.find("upstream.backoff", since=mark), "no upstream.backoff during the outage"
+    restore_link(fed, mark, "blackhole during federation: link back")
+
+    stats, summaries = fed.wait_federation()
+    assert_federation(fed, stats, summaries)
+    # SuperNodes that saw the outage saw it early, not after TCP's minutes.
+    # (The default --hold-timeout of 20 s outlasts this outage: the only
+    # UNAVAILABLEs are the calls that were in flight when the link died.)
+    seen = [u for u in fed.supernode_unavailable() if u["t"] >= t_bh - 0.5]
+    for u in seen:
+        assert u["t"] - t_bh <= DETECT_BOUND + 0.5, f"a SuperNode saw UNAVAILABLE late: {u}"
+    figure(f"blackhole during federation: SuperNodes saw {len(seen)} UNAVAILABLE, "
+           f"retries {[s['retries_by_method'] for s in summaries]}")
+
+
+def test_short_outage_calls_are_held_and_succeed(fed):
+    """The upstream connection is already dropped (keepalive) and the link is
+    silent for less than --hold-timeout: calls made meanwhile wait and go
+    through after the reconnect; nobody sees UNAVAILABLE for them."""
+    start_federation(fed, "--hold-timeout", "10")
+    wait_for(lambda: fed.stats().get("dispatch_by_message_id"), 30 * SLOW,
+             f"first instruction dispatched\n{fed.logs()}")
+    mark = len(fed.node.events.all())
+    t_bh = time.time()
+    fed.topo.blackhole()
+    down = wait_down(fed, mark, DETECT_BOUND + 5)
+    t_down = ev_time(down)
+    assert t_down - t_bh <= DETECT_BOUND, down
+    fed.wait_probe(4, 3)
+    # A call made while the upstream is down (the emulated SuperLink answers
+    # an unknown method UNIMPLEMENTED: that it answers at all proves the
+    # call was held and then sent).
+    held = NsClient(fed, "/fs.test.Probe/Held")
+    held.go()
+    time.sleep(1.5)
+    t_clear = time.time()
+    fed.topo.clear()
+    [r] = held.result(timeout=CONNECT_TIMEOUT + BACKOFF_MAX + 10)
+    assert r["code"] == "UNIMPLEMENTED", f"held call: {r}\n{fed.node.logs()}"
+    waited = r["t1"] - r["t0"]
+    assert waited >= t_clear - held.t_go - 0.2, f"the call did not wait for the upstream: {r}"
+    figure(f"short outage: call held {waited:.2f} s, answered after the link returned "
+           f"({r['t1'] - t_clear:.2f} s after)")
+    up = fed.node.events.wait("upstream.up", timeout=5, since=mark)
+    assert ev_time(up) >= t_clear - 0.1
+    assert fed.metric("flower_sidecar_calls_held_total") > 0
+    fed.wait_probe(0, 3)
+
+    stats, summaries = fed.wait_federation()
+    assert_federation(fed, stats, summaries)
+    # Only calls in flight when the connection died may have ended
+    # UNAVAILABLE; none because a hold expired.
+    for u in fed.supernode_unavailable():
+        assert not UNREACHABLE_RE.match(u["details"]), u
+        assert u["t"] <= t_down + 0.5, f"a SuperNode saw UNAVAILABLE after the drop: {u}"
+
+
+def test_outage_longer_than_hold_timeout(fed):
+    """Held calls end UNAVAILABLE after --hold-timeout (2 s) with
+    "flower-sidecar: upstream HOST:PORT unreachable ...; next attempt in N s";
+    the SuperNodes' own retries take over and the federation completes after
+    the link returns."""
+    start_federation(fed, "--hold-timeout", "2")
+    wait_for(lambda: fed.stats().get("dispatch_by_message_id"), 30 * SLOW,
+             f"first instruction dispatched\n{fed.logs()}")
+    mark = len(fed.node.events.all())
+    t_bh = time.time()
+    fed.topo.blackhole()
+    wait_down(fed, mark, DETECT_BOUND + 5)
+    held = NsClient(fed, "/fs.test.Probe/Held").go()
+    [r] = held.result(timeout=10)
+    waited = r["t1"] - r["t0"]
+    assert r["code"] == "UNAVAILABLE", r
+    m = UNREACHABLE_RE.match(r["details"])
+    assert m, f"grpc-message of a held call that timed out: {r['details']!r}"
+    assert m["up"] == fed.link_addr, r
+    assert m["n"] is None or float(m["n"]) <= BACKOFF_MAX + CONNECT_TIMEOUT, r
+    assert 2.0 - 0.3 <= waited <= 2.0 + 1.0, f"held for {waited:.2f} s with --hold-timeout 2"
+    figure(f"hold-timeout 2 s: held call ended after {waited:.2f} s: {r['details']!r}")
+
+    time.sleep(max(0.0, t_bh + 9 - time.time()))
+    unav = [u for u in fed.supernode_unavailable() if UNREACHABLE_RE.match(u["details"])]
+    assert unav, f"no SuperNode call ended with the hold-timeout message\n{fed.logs()}"
+    assert fed.metric("flower_sidecar_calls_failed_upstream_down_total") >= 2
+    t_clear = time.time()
+    fed.topo.clear()
+    up = fed.node.events.wait("upstream.up", timeout=RECONNECT_BOUND + 5, since=mark)
+    assert ev_time(up) - t_clear <= RECONNECT_BOUND, up
+    stats, summaries = fed.wait_federation()
+    assert_federation(fed, stats, summaries)
+    assert sum(s["retries"] for s in summaries) >= len(unav), summaries
+
+
+def test_held_call_with_deadline_ends_unavailable(fed):
+    """A call with its own grpc-timeout shorter than --hold-timeout (like a
+    SuperNode's 5 s heartbeat) that cannot reach the upstream must end
+    UNAVAILABLE (Flower's SuperNode retries nothing else), not run into its
+    deadline as DEADLINE_EXCEEDED."""
+    fed.start_superlink(2, 3)
+    fed.start_link()
+    fed.start_node("--hold-timeout", "10")
+    mark = len(fed.node.events.all())
+    fed.link.kill9()
+    wait_down(fed, mark, 5)
+    fed.wait_probe(4, 3)
+    [r] = NsClient(fed, "/flwr.proto.Fleet/SendNodeHeartbeat", timeout=2).go().result(timeout=10)
+    assert r["code"] == "UNAVAILABLE", f"held call with a 2 s deadline: {r}"
+    assert NEXT_ATTEMPT_RE.match(r["details"]), r
+    assert r["t1"] - r["t0"] <= 2.0 + 0.2, r
+
+
+def test_random_loss_federation_completes(fed):
+    """20 % packet loss each way for a whole federation: it completes, each
+    instruction gets exactly one reply, nothing duplicated."""
+    fed.start_superlink(2, 3)
+    fed.start_link()
+    fed.start_node()
+    mark = len(fed.node.events.all())
+    fed.topo.loss(20)
+    t0 = time.monotonic()
+    fed.start_supernodes(2, 3)
+    try:
+        stats, summaries = fed.wait_federation(timeout=90 * SLOW)
+    finally:
+        fed.topo.clear()
+    assert_federation(fed, stats, summaries)
+    downs = fed.node.events.find("upstream.down", since=mark)
+    figure(f"20% loss each way: federation in {time.monotonic() - t0:.1f} s, "
+           f"{len(downs)} upstream drops {[d['reason'] for d in downs][:5]}, "
+           f"SuperNode retries {sum(s['retries'] for s in summaries)}")
+
+
+def backoff_bounds(attempt: int) -> tuple[float, float]:
+    """delay_ms bounds of upstream.backoff number |attempt| (2 = first delay):
+    initial x 1.6^(attempt-2), +-20 %, never above the cap."""
+    base = min(BACKOFF_INITIAL * 1.6 ** (attempt - 2), BACKOFF_MAX) * 1000
+    return 0.8 * base - 2, min(1.2 * base, BACKOFF_MAX * 1000) + 2
+
+
+def test_backoff_schedule_after_link_killed(fed):
+    """kill -9 of the link sidecar: reconnect delays initial x1.6^k +-20 %,
+    capped; held calls meanwhile do not cause extra attempts; the restarted
+    link gets upstream.up and SERVING within one delay; the schedule starts
+    over after SETTINGS arrived."""
+    fed.start_superlink(2, 3)
+    fed.start_link()
+    fed.start_node("--hold-timeout", "1")
+    connects0 = fed.metric("flower_sidecar_upstream_connects_total")
+    mark = len(fed.node.events.all())
+    t_kill = time.time()
+    fed.link.kill9()
+    down = wait_down(fed, mark, 5)
+    assert ev_time(down) - t_kill <= 1.0, down
+    fed.wait_probe(4, 3)
+    # Calls during the outage: held for 1 s each, then UNAVAILABLE.
+    held = NsClient(fed, "/fs.test.Probe/Held", count=4).go()
+
+    # Attempts 2..6: 0.5, 0.8, 1.28, 2 (cap), 2 s.
+    fed.node.events.wait("upstream.backoff", timeout=20, since=mark, count=5)
+    evs = fed.node.events.find("upstream.backoff", since=mark)
+    for r in held.result(timeout=15):
+        assert r["code"] == "UNAVAILABLE", r
+        m = NEXT_ATTEMPT_RE.match(r["details"])
+        assert m and m["up"] == fed.link_addr and float(m["n"]) <= BACKOFF_MAX, r
+    attempts = [e["attempt"] for e in evs]
+    delays = [e["delay_ms"] for e in evs]
+    figure(f"backoff after kill -9 (initial {BACKOFF_INITIAL}, max {BACKOFF_MAX}): "
+           f"attempts {attempts} delays_ms {delays}")
+    assert attempts == list(range(2, 2 + len(evs))), evs
+    for e in evs:
+        lo, hi = backoff_bounds(e["attempt"])
+        assert lo <= e["delay_ms"] <= hi, f"attempt {e['attempt']}: {e['delay_ms']} ms not in [{lo:.0f}, {hi:.0f}]\n{evs}"
+        assert e["upstream"] == fed.link_addr and e.get("reason"), e
+    # Jitter is real: the uncapped delays are not all exactly on the formula.
+    exact = [abs(e["delay_ms"] - (backoff_bounds(e["attempt"])[0] + 2) / 0.8) < 5 for e in evs[:3]]
+    assert not all(exact), f"no jitter: {delays}"
+    # The waits really are those delays: the next attempt (refused at once)
+    # comes delay_ms after the previous one, however many calls arrived.
+    for prev, nxt in zip(evs, evs[1:]):
+        gap = (ev_time(nxt) - ev_time(prev)) * 1000
+        assert prev["delay_ms"] - 20 <= gap <= prev["delay_ms"] + 400 * SLOW, \
+            f"attempt {nxt['attempt']} came {gap:.0f} ms after the previous, delay was {prev['delay_ms']}\n{evs}"
+    connects = fed.metric("flower_sidecar_upstream_connects_total") - connects0
+    n_backoff = len(fed.node.events.find("upstream.backoff", since=mark))
+    assert connects <= n_backoff + 1, f"{connects} connection attempts for {n_backoff} backoff delays"
+    assert fed.probe() == 4
+
+    t_restart = time.time()
+    mark2 = len(fed.node.events.all())
+    fed.link.start(wait_up=True)
+    up = fed.node.events.wait("upstream.up", timeout=BACKOFF_MAX + 5, since=mark2)
+    back = ev_time(up) - t_restart
+    figure(f"link restarted -> node upstream.up after {back:.2f} s")
+    assert back <= BACKOFF_MAX + 1.0, f"upstream.up {back:.2f} s after the restart"
+    fed.wait_probe(0, 3)
+
+    # SETTINGS arrived: the schedule starts over.
+    mark3 = len(fed.node.events.all())
+    fed.link.kill9()
+    wait_down(fed, mark3, 5)
+    e = fed.node.events.wait("upstream.backoff", timeout=5, since=mark3)
+    lo, hi = backoff_bounds(2)
+    assert e["attempt"] == 2 and lo <= e["delay_ms"] <= hi, e
+
+
+STRICT_PY = r'''
+import sys, time
+from concurrent import futures
+import grpc
+listen, cert, key = sys.argv[1:4]
+
+def sleep(req, ctx):
+    end = time.time() + float(req.decode() or "1")
+    while time.time() < end and ctx.is_active():
+        time.sleep(0.05)
+    return b"slept"
+
+# Like a stock gRPC server (Flower's SuperLink): PINGs more often than every
+# 5 minutes without data are strikes; after 2, GOAWAY ENHANCE_YOUR_CALM.
+server = grpc.server(futures.ThreadPoolExecutor(8), options=[
+    ("grpc.http2.min_ping_interval_without_data_ms", 300000),
+    ("grpc.http2.max_ping_strikes", 2),
+    ("grpc.keepalive_permit_without_calls", 0),
+    ("grpc.so_reuseport", 0)])
+server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+    "fs.test.Strict", {"Sleep": grpc.unary_unary_rpc_method_handler(sleep)})])
+creds = grpc.ssl_server_credentials([(open(key, "rb").read(), open(cert, "rb").read())])
+assert server.add_secure_port(listen, creds)
+server.start()
+print("listening", flush=True)
+server.wait_for_termination()
+'''
+
+
+def test_strict_upstream_too_many_pings_doubles_keepalive(fed):
+    """A stock grpcio TLS server (no link sidecar) that punishes frequent
+    PINGs: GOAWAY too_many_pings -> event upstream.too_many_pings with the
+    doubled keepalive_time_s, one reconnect (no storm), and the next
+    connection waits the doubled time before its first PING; a 7 s silent
+    call then passes without another GOAWAY."""
+    tls = fed.tmp / "strict-tls"
+    ca = make_ca(tls)
+    cert, key = make_server_cert(tls, ca, sans=f"IP:{fed.a},DNS:localhost")
+    script = fed.tmp / "strict.py"
+    script.write_text(STRICT_PY)
+    addr = f"{fed.a}:{SUPERLINK_PORT}"
+    fed.superlink = fed.group.start("strict", fed.topo.argv("a", PY, str(script), addr, str(cert), str(key)))
+    fed._wait_listening(fed.superlink, SUPERLINK_PORT, "strict server")
+    fed.start_node(upstream=addr, ca=ca[0])
+    mark = len(fed.node.events.all())
+
+    # keepalive 1 s: PINGs every second or so of this silent call; after a
+    # few strikes the server sends GOAWAY too_many_pings (grpcio 1.51: at
+    # the 5th PING).
+    [r] = NsClient(fed, "/fs.test.Strict/Sleep", payload="12").go().result(timeout=25)
+    tmp_ev = fed.node.events.find("upstream.too_many_pings", since=mark)
+    assert len(tmp_ev) == 1, f"too_many_pings events: {tmp_ev}\n{fed.logs()}"
+    assert tmp_ev[0]["level"] == "warn" and tmp_ev[0]["keepalive_time_s"] == 2 * KT, tmp_ev
+    assert r["code"] == "UNAVAILABLE", f"the call on the connection the server closed: {r}"
+    fed.node.events.wait("upstream.up", timeout=BACKOFF_MAX + 5, since=mark)
+
+    # keepalive 2 s now: no PING in the first 1.5 s of silence, and a 7 s
+    # call (PINGs at ~2, 4, 6 s: two strikes) passes.
+    pings0 = fed.metric("flower_sidecar_keepalive_pings_total")
+    second = NsClient(fed, "/fs.test.Strict/Sleep", payload="7").go()
+    time.sleep(max(0.0, second.t_go + 1.5 - time.time()))
+    assert fed.metric("flower_sidecar_keepalive_pings_total") == pings0, \
+        "a PING within 1.5 s of silence after too_many_pings doubled the keepalive time to 2 s"
+    [r] = second.result(timeout=20)
+    assert r["code"] == "OK", f"second call with the doubled keepalive time: {r}\n{fed.node.logs()}"
+    assert len(fed.node.events.find("upstream.too_many_pings", since=mark)) == 1
+    connects = fed.metric("flower_sidecar_upstream_connects_total")
+    assert connects <= 3, f"{connects} connection attempts: a reconnect storm"
+    assert len(fed.node.events.find("upstream.up", since=mark)) == 1, fed.node.logs()
