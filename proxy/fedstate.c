@@ -12,6 +12,7 @@ typedef struct fnode {
   uint64_t last_seen_ms;
   double hb_s;
   uint64_t cur_serial; /* the round its latest instruction belongs to */
+  uint64_t awaited_serial; /* a round that counts on it (online at its start) */
   int64_t cur_round;    /* -1: not known (yet) */
   uint64_t pend_in, pend_out; /* object bytes before its round was known */
   uint32_t pushes_left;       /* objects its reply still has to push */
@@ -35,6 +36,7 @@ typedef struct fround {
   int64_t round;
   uint64_t t_start;
   uint32_t nodes, replies, errors, missing; /* missing: went offline without replying */
+  uint32_t awaited; /* online nodes at its start that have not left without joining */
   uint32_t pushes_pending; /* reply objects announced, not yet pushed */
   uint64_t bytes_in, bytes_out;
   uint8_t open;
@@ -305,6 +307,19 @@ static fround *round_join(uint64_t now, const fmsg *m) {
   slot->round = m->round;
   slot->t_start = now;
   slot->nodes = 1;
+  /* The nodes online now are the ones the phase can count on; one that
+   * leaves without joining is awaited no more, one that leaves after its
+   * reply still was (the others may not have pulled theirs yet). */
+  {
+    size_t j;
+    for (j = 0; j < F.nodes_cap; j++) {
+      fnode *n = &F.nodes[j];
+      if (n->used && n->active && !n->offline) {
+        n->awaited_serial = slot->serial;
+        slot->awaited++;
+      }
+    }
+  }
   F.last_round = m->round;
   F.last_round_run = m->run_id;
   if (fs_ev_begin(&ev, FS_LOG_INFO, "round.start")) {
@@ -320,7 +335,7 @@ static fround *round_join(uint64_t now, const fmsg *m) {
  * (With client sampling, fewer nodes take part: the next phase ends it.) */
 static void round_maybe_end(uint64_t now, fround *r) {
   if (r->open && r->nodes > 0 && r->replies + r->missing >= r->nodes && r->pushes_pending == 0 &&
-      r->nodes >= F.active - F.offline + r->missing)
+      r->nodes >= r->awaited)
     round_end(now, r);
 }
 
@@ -521,6 +536,17 @@ void fs_fed_reply_msg(uint64_t now, const fs_fed_reply *rp) {
 
 /* --- nodes ---------------------------------------------------------------------- */
 
+/* |n| left (deactivated, offline): a round that awaited it and that it has
+ * not joined awaits one node fewer. */
+static void node_left(fnode *n) {
+  int i;
+  for (i = 0; i < MAX_ROUNDS; i++) {
+    fround *r = &F.rounds[i];
+    if (r->open && n->awaited_serial == r->serial && n->cur_serial != r->serial && r->awaited > 0) r->awaited--;
+  }
+  n->awaited_serial = 0;
+}
+
 void fs_fed_node_activated(uint64_t now, uint64_t node_id, double hb) {
   fnode *n = node_get(node_id, 1);
   if (!n) return;
@@ -538,6 +564,7 @@ void fs_fed_node_deactivated(uint64_t node_id) {
   fnode *n = node_get(node_id, 0);
   if (!n || !n->active) return;
   if (n->offline) F.offline--;
+  else node_left(n);
   n->active = 0;
   n->offline = 0;
   F.active--;
@@ -561,6 +588,7 @@ void fs_fed_tick(uint64_t now) {
     if (!n->used || !n->active || n->offline || now < n->last_seen_ms + (uint64_t)(2000 * n->hb_s)) continue;
     n->offline = 1;
     F.offline++;
+    node_left(n);
     if (fs_ev_begin(&ev, FS_LOG_WARN, "node.offline")) {
       fs_ev_id(&ev, "node_id", n->id);
       fs_ev_u64(&ev, "last_seen_ms", now - n->last_seen_ms);

@@ -496,6 +496,26 @@ static void round_ends_when_waited_for_node_deactivates(void **state) {
   assert_round_end(cap_find("round.end", 0), "3", "train", "1", "1", "0", "0");
 }
 
+/* A node that replied and then deactivated (its SuperNode is done) does not
+ * end the round while another online node has not pulled its instruction
+ * yet: the round ends with that node's reply, once. */
+static void node_leaving_after_its_reply_does_not_end_the_round(void **state) {
+  (void)state;
+  fs_fed_node_activated(0, NA, 30);
+  fs_fed_node_activated(0, NB, 30);
+  fs_fed_config_round(0, id(10), 3);
+  dispatch(100, NA, 1, 10, "evaluate");
+  reply(200, NA, 3, 1, "evaluate", 0, 0);
+  fs_fed_node_deactivated(NA);
+  fs_fed_tick(300);
+  assert_int_equal(cap_count("round.end"), 0);
+  dispatch(400, NB, 2, 10, "evaluate");
+  fs_fed_tick(2400);
+  reply(2500, NB, 4, 2, "evaluate", 0, 0);
+  assert_string_equal(sequence(), "round.start message.dispatch message.reply message.dispatch message.reply round.end");
+  assert_round_end(cap_find("round.end", 0), "3", "evaluate", "2", "2", "0", "0");
+}
+
 /* Flower's message types are "<category>" or "<category>.<action>" (any
  * Python identifier as action), and group_id is free text: both must come
  * out whole in message.dispatch and the round events (not cut to the size
@@ -651,6 +671,7 @@ int main(void) {
     cmocka_unit_test_setup_teardown(huge_heartbeat_interval, setup, teardown),
     cmocka_unit_test_setup_teardown(round_ends_when_waited_for_node_goes_offline, setup, teardown),
     cmocka_unit_test_setup_teardown(round_ends_when_waited_for_node_deactivates, setup, teardown),
+    cmocka_unit_test_setup_teardown(node_leaving_after_its_reply_does_not_end_the_round, setup, teardown),
     cmocka_unit_test_setup_teardown(long_message_type_and_group_id_kept, setup, teardown),
     cmocka_unit_test_setup_teardown(runs_counted_and_bounded, setup, teardown),
     cmocka_unit_test_setup_teardown(parse_server_round, setup, teardown),
