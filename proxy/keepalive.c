@@ -8,6 +8,18 @@ void fs_keepalive_init(fs_keepalive *k, uint64_t time_ms, uint64_t timeout_ms, u
   k->ping_ms = 0;
 }
 
+int fs_keepalive_probe(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, uint64_t *next_ms) {
+  if (last_rx_ms > k->last_rx_ms) k->last_rx_ms = last_rx_ms;
+  if (k->ping_ms && k->last_rx_ms >= k->ping_ms) k->ping_ms = 0;
+  if (k->ping_ms) {
+    *next_ms = k->ping_ms + k->timeout_ms > now ? k->ping_ms + k->timeout_ms - now : 1;
+    return 0;
+  }
+  k->ping_ms = now ? now : 1;
+  *next_ms = k->timeout_ms;
+  return 1;
+}
+
 fs_ka_action fs_keepalive_check(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, int calls_open,
                                 uint64_t *next_ms) {
   if (last_rx_ms > k->last_rx_ms) k->last_rx_ms = last_rx_ms;

@@ -38,4 +38,11 @@ void fs_keepalive_init(fs_keepalive *k, uint64_t time_ms, uint64_t timeout_ms, u
 fs_ka_action fs_keepalive_check(fs_keepalive *k, uint64_t now_ms, uint64_t last_rx_ms, int calls_open,
                                 uint64_t *next_ms);
 
+/* A call got no answer and nothing has arrived since it was sent: PING now
+ * rather than time_ms after the last byte, so a link that died under a call
+ * with a short deadline (a heartbeat) is known within timeout_ms.  Returns 1
+ * when the owner must send a PING, 0 when one is already outstanding; sets
+ * *|next_ms| (> 0) to the delay before the next look. */
+int fs_keepalive_probe(fs_keepalive *k, uint64_t now_ms, uint64_t last_rx_ms, uint64_t *next_ms);
+
 #endif

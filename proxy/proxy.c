@@ -83,6 +83,10 @@ struct call {
   uint64_t t_start;
   call *qprev, *qnext; /* waiting for an upstream connection */
   uint64_t hold_until;  /* queued: wait for an upstream until then; 0 = fail when none can be had */
+  uint64_t deadline;    /* the client's own (grpc-timeout), 0: none */
+  uint64_t t_sent;      /* when the current attempt went upstream */
+  uint64_t probe_ms;    /* when a PING probed its connection for it; 0: not yet */
+  uint8_t stall_done;   /* checked once: left to its own deadline */
   fs_bufq replay;       /* request bytes sent upstream, kept to repeat the call */
   uint8_t replay_on;    /* replay holds every byte sent on this attempt */
   uint8_t up_headers;   /* response headers arrived: the upstream processed the call */
@@ -627,6 +631,20 @@ static nghttp2_data_provider provider(call *c) {
   return prd;
 }
 
+/* Node role: a call with its own deadline that is safe to answer UNAVAILABLE
+ * for (the SuperNode repeats it: heartbeats, side-effect-free methods) is
+ * watched while it waits for its response headers; see up_timer. */
+static int stall_watched(const call *c) {
+  return P.cfg->role == FS_ROLE_NODE && c->deadline && !c->up_headers &&
+         (c->method == FS_FLEET_SEND_NODE_HEARTBEAT || fs_fleet_repeatable((fs_fleet_method)c->method));
+}
+
+/* When to give up on it: the margin of fs_grpc_hold_ms before its deadline. */
+static uint64_t stall_check_at(const call *c) {
+  uint64_t left = c->deadline > c->t_sent ? c->deadline - c->t_sent : 0;
+  return c->t_sent + fs_grpc_hold_ms(UINT64_MAX, 1, left);
+}
+
 static void submit_upstream(call *c, pconn *u) {
   nghttp2_data_provider prd = provider(c);
   nghttp2_nv nv[c->head[DOWN].n / 2 + 1];
@@ -642,9 +660,18 @@ static void submit_upstream(call *c, pconn *u) {
   }
   c->leg[UP].conn = u;
   c->leg[UP].sid = sid;
+  c->t_sent = fs_now_ms();
+  c->probe_ms = 0;
+  c->stall_done = 0;
   list_add(&u->calls, c, UP);
   u->nstreams++;
   fs_h2conn_mark(&u->h2);
+  if (stall_watched(c)) { /* look at it halfway to its deadline (up_timer) */
+    uint64_t now = fs_now_ms(), due = c->t_sent + (stall_check_at(c) - c->t_sent) / 2;
+    uint64_t in = due > now ? due - now : 1;
+    if (!uv_is_active((uv_handle_t *)&u->h2.timer) || uv_timer_get_due_in(&u->h2.timer) > in)
+      fs_h2conn_set_timer(&u->h2, in);
+  }
 }
 
 /* An upstream connection that can take a new stream now, or NULL. */
@@ -694,7 +721,8 @@ static void route_call(call *c) {
       char method[256];
       method_of(c, method, sizeof(method));
       fs_ev_str(&ev, "method", method);
-      fs_ev_u64(&ev, "hold_ms", c->hold_until - fs_now_ms());
+      uint64_t now = fs_now_ms();
+      fs_ev_u64(&ev, "hold_ms", c->hold_until > now ? c->hold_until - now : 0);
       fs_ev_end(&ev);
     }
   }
@@ -711,7 +739,8 @@ static void next_attempt(char *out, size_t len) {
   if (P.nups_connecting > 0 || P.resolving) snprintf(out, len, "a connection attempt is in progress");
   else if (uv_is_active((uv_handle_t *)&P.reconnect_timer))
     snprintf(out, len, "next attempt in %.1f s", (double)uv_timer_get_due_in(&P.reconnect_timer) / 1000.0);
-  else snprintf(out, len, "no further attempt (shutting down)");
+  else if (P.draining || P.stopped) snprintf(out, len, "no further attempt (shutting down)");
+  else snprintf(out, len, "reconnecting");
 }
 
 static void dispatch_queue(void) {
@@ -763,6 +792,15 @@ static void on_hold_timer(uv_timer_t *t) {
 static void retry_call(call *c, const char *reason) {
   flow *f = &c->fl[DOWN];
   fs_event ev;
+  uint64_t now = fs_now_ms();
+  if (c->hold_until && c->hold_until <= now) {
+    /* The hold counts from the call's start (the SuperLink refuses requests
+     * signed too long ago): past it, the call ends instead of waiting. */
+    P.stats.calls_failed_down++;
+    fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s %s; the call is %.1f s old, past --hold-timeout",
+              P.up_name, reason, (double)(now - c->t_start) / 1000.0);
+    return;
+  }
   c->attempts++;
   P.stats.retries++;
   /* What was sent goes out again ahead of what still waits; it was
@@ -848,6 +886,7 @@ static void on_request_headers(call *c, const nghttp2_frame *frame) {
     uint64_t ms = 0;
     int has_deadline = to.len && fs_grpc_timeout_ms(to.base, to.len, &ms) == 0;
     c->hold_until = c->t_start + fs_grpc_hold_ms((uint64_t)(P.cfg->hold_timeout_s * 1000), has_deadline, ms);
+    if (has_deadline) c->deadline = c->t_start + (ms ? ms : 1);
   }
   route_call(c);
 }
@@ -1294,6 +1333,50 @@ static void up_freed(fs_h2conn *h) {
   maybe_stopped();
 }
 
+static void send_ping(pconn *u) {
+  if (nghttp2_submit_ping(u->h2.session, NGHTTP2_FLAG_NONE, NULL) == 0) {
+    /* Time the oldest outstanding PING: its ACK comes first. */
+    if (!u->ping_t0) u->ping_t0 = uv_hrtime() / 1000;
+    P.stats.pings++;
+    fs_h2conn_mark(&u->h2);
+  }
+}
+
+/* Watched calls (stall_watched) without response headers halfway to their
+ * deadline probe the connection with a PING; if nothing has arrived since
+ * by the check time (stall_check_at) the call ends UNAVAILABLE, which the
+ * SuperNode retries, rather than DEADLINE_EXCEEDED, which it does not, and
+ * the unanswered PING ends the connection timeout later.  A connection that
+ * answers is alive: the call is left to its own deadline (a slow answer).
+ * Returns the delay before the next look, at most |next| (0: none). */
+static uint64_t check_stalled_calls(pconn *u, uint64_t next) {
+  uint64_t now = fs_now_ms(), probe_next;
+  call *c, *n;
+  for (c = u->calls; c; c = n) {
+    uint64_t at, probe_at;
+    n = c->leg[UP].next;
+    if (!stall_watched(c) || c->finished || c->stall_done) continue;
+    at = stall_check_at(c);
+    probe_at = c->t_sent + (at - c->t_sent) / 2;
+    if (!c->probe_ms && now >= probe_at) {
+      c->probe_ms = now;
+      if (fs_keepalive_probe(&u->ka, now, u->h2.last_rx_ms, &probe_next)) send_ping(u);
+    }
+    if (now < at) {
+      uint64_t due = c->probe_ms ? at : probe_at;
+      if (!next || due - now < next) next = due - now;
+      continue;
+    }
+    c->stall_done = 1;
+    if (u->h2.last_rx_ms >= c->probe_ms) continue; /* the connection answered: a slow call */
+    P.stats.calls_failed_down++;
+    fail_call(c, GRPC_UNAVAILABLE,
+              "flower-sidecar: upstream %s did not answer a PING within %.1f s, the call's deadline is near",
+              P.up_name, (double)(now - c->probe_ms) / 1000.0);
+  }
+  return next;
+}
+
 static void up_timer(fs_h2conn *h) {
   pconn *u = conn_of(h);
   char why[96];
@@ -1309,15 +1392,12 @@ static void up_timer(fs_h2conn *h) {
     fs_h2conn_close(h, why);
     return;
   case FS_KA_PING:
-    if (nghttp2_submit_ping(h->session, NGHTTP2_FLAG_NONE, NULL) == 0) {
-      u->ping_t0 = uv_hrtime() / 1000;
-      P.stats.pings++;
-      fs_h2conn_mark(h);
-    }
+    send_ping(u);
     break;
   case FS_KA_WAIT:
     break;
   }
+  next = check_stalled_calls(u, next);
   fs_h2conn_set_timer(h, next);
 }
 

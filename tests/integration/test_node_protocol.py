@@ -532,6 +532,48 @@ def test_keepalive_no_pings_while_idle_and_answered_pings_keep_a_slow_call(node_
     assert len(up.pings()) == n, up.summary()
 
 
+def test_stalled_heartbeat_ends_unavailable_before_its_deadline(node_sidecar, raw_upstream):
+    # Flower's heartbeat has a 5 s deadline and the SuperNode stops on
+    # DEADLINE_EXCEEDED.  A heartbeat forwarded onto a link that has just
+    # gone silent (keepalive would notice only after 30 + 10 s) must end
+    # UNAVAILABLE before its deadline: halfway there the sidecar PINGs, and
+    # with no answer it ends the call and lets keepalive finish the connection.
+    up = raw_upstream({"SendNodeHeartbeat": ["stall"]})
+    sc = node_sidecar(up.address, "--keepalive-time", "30", "--keepalive-timeout", "3")
+    assert sc.call("GetRun") == b""
+    mark = sc.events.mark()
+    fut = sc.future("SendNodeHeartbeat", timeout=2)
+    elapsed = wait_done(fut, 5 * SLOW, "the stalled heartbeat to end")
+    err = fut.exception(timeout=1)
+    assert err is not None, "a heartbeat succeeded on a stalled upstream?"
+    msg = assert_unavailable_from_sidecar(err, up.address)
+    FIGURES.append(f"node: heartbeat (2 s deadline) on a stalled link ended UNAVAILABLE after {elapsed:.2f} s")
+    assert 1.5 <= elapsed < 2.0, f"ended after {elapsed:.2f} s: {msg}"
+    assert "PING" in msg, msg
+    assert up.conns[0].pings, f"no PING probed the stalled connection:\n{up.summary()}"
+    # The unanswered probe ends the connection keepalive-timeout after it.
+    down = sc.events.wait("upstream.down", since=mark, timeout=6 * SLOW)
+    assert down["reason"].startswith("keepalive"), down
+
+
+def test_slow_answer_on_a_live_connection_keeps_its_deadline(node_sidecar, raw_upstream):
+    # The same heartbeat on a connection that answers PINGs is a slow server,
+    # not a dead link: the client's own deadline decides; and a side-effecting
+    # call with a deadline is never turned into UNAVAILABLE (it would be
+    # repeated).
+    up = raw_upstream({"SendNodeHeartbeat": [("slow", 3)], "PushMessages": ["stall"]})
+    sc = node_sidecar(up.address, "--keepalive-time", "30", "--keepalive-timeout", "10")
+    assert sc.call("GetRun") == b""
+    with pytest.raises(grpc.RpcError) as e:
+        sc.call("SendNodeHeartbeat", timeout=2)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (e.value.code(), e.value.details())
+    assert up.conns[0].pings, "no PING probed the slow call"
+    with pytest.raises(grpc.RpcError) as e:
+        sc.call("PushMessages", timeout=2)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, (e.value.code(), e.value.details())
+    assert up.count("PushMessages") == 1
+
+
 def test_keepalive_detects_a_frozen_grpcio_upstream_over_tls(node_sidecar, fleet_upstream, pki):
     # A real grpcio server frozen with SIGSTOP (by PID) mid-call: its kernel
     # still ACKs TCP, but nothing answers the PINGs over TLS.

@@ -96,6 +96,33 @@ static void idle_connection_is_not_pinged(void **state) {
   assert_int_equal(fs_keepalive_check(&k, t, 0, 1, &next), FS_KA_PING);
 }
 
+/* A stalled call asks for a PING at once; none while one is outstanding;
+ * its silence still ends the connection timeout_ms after the PING. */
+static void probe_pings_now_once(void **state) {
+  fs_keepalive k;
+  uint64_t next = 0;
+  (void)state;
+  fs_keepalive_init(&k, 30000, 10000, 0);
+  assert_int_equal(fs_keepalive_probe(&k, 4800, 0, &next), 1);
+  assert_int_equal(next, 10000);
+  assert_int_equal(fs_keepalive_probe(&k, 5000, 0, &next), 0);
+  assert_int_equal(next, 9800);
+  assert_int_equal(fs_keepalive_check(&k, 14799, 0, 1, &next), FS_KA_WAIT);
+  assert_int_equal(fs_keepalive_check(&k, 14800, 0, 1, &next), FS_KA_DEAD);
+}
+
+/* The probe's PING answered: back to the normal schedule from that byte. */
+static void probe_answered(void **state) {
+  fs_keepalive k;
+  uint64_t next = 0;
+  (void)state;
+  fs_keepalive_init(&k, 30000, 10000, 0);
+  assert_int_equal(fs_keepalive_probe(&k, 4800, 0, &next), 1);
+  assert_int_equal(fs_keepalive_check(&k, 5000, 4850, 1, &next), FS_KA_WAIT);
+  assert_int_equal(next, 29850);
+  assert_int_equal(fs_keepalive_probe(&k, 6000, 4850, &next), 1); /* a new stall: a new PING */
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
     cmocka_unit_test(silent_upstream_is_pinged_then_dead),
@@ -104,6 +131,8 @@ int main(void) {
     cmocka_unit_test(traffic_means_no_ping),
     cmocka_unit_test(stale_receive_time_is_ignored),
     cmocka_unit_test(idle_connection_is_not_pinged),
+    cmocka_unit_test(probe_pings_now_once),
+    cmocka_unit_test(probe_answered),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
