@@ -1073,14 +1073,11 @@ def test_random_loss_and_delay_federation_completes(fed):
     the link's certificate for 127.0.0.1 (the relay's address), which the
     auto-generated certificate covers.
 
-    Heartbeats are kept out of the lossy run: the SuperNodes announce 600 s
-    (none after the first) and the loss starts once both sent their first
-    one.  A heartbeat carries a 5 s deadline, and one forwarded onto the
-    connection while it is stalled (alive, but 5+ s without a byte getting
-    through: see above) ends DEADLINE_EXCEEDED, which Flower does not retry:
-    the sidecar ends only calls *held* for the upstream before their
-    deadline, not calls already forwarded.  That is a sidecar matter, not
-    this test's (it made the run fail in one run of ten).  The SuperLink
+    Heartbeats run through the lossy link every 5 s, each with Flower's 5 s
+    deadline: one forwarded onto the connection while TCP is stalled (alive,
+    but seconds without a byte getting through) gets a PING probe halfway to
+    its deadline and, unanswered, ends UNAVAILABLE, which the SuperNode
+    retries, instead of DEADLINE_EXCEEDED, which would stop it.  The SuperLink
     lingers: over this link UnregisterNode can come more than a second after
     DeactivateNode, when an --exit-when-done SuperLink is already gone."""
     rounds = 2
@@ -1093,7 +1090,7 @@ def test_random_loss_and_delay_federation_completes(fed):
     fed.start_node("--log-level", "DEBUG", upstream=f"127.0.0.1:{RELAY_PORT}",
                    timings={"--keepalive-time": 2, "--keepalive-timeout": 10, "--connect-timeout": 10})
     mark = len(fed.node.events.all())
-    fed.start_supernodes(2, rounds, "--heartbeat-interval", "600")
+    fed.start_supernodes(2, rounds, "--heartbeat-interval", "5")
     wait_for(lambda: fed.stats().get("statuses", {}).get("SendNodeHeartbeat", {}).get("OK", 0) >= 2,
              20 * SLOW, f"the SuperNodes' first heartbeats\n{fed.logs()}")
     fed.topo.loss(20)
