@@ -11,6 +11,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <inttypes.h>
 #include <netdb.h>
 #include <nghttp2/nghttp2.h>
 #include <openssl/x509.h>
@@ -650,6 +651,21 @@ static void submit_upstream(call *c, pconn *u) {
   nghttp2_nv nv[c->head[DOWN].n / 2 + 1];
   size_t n = hdrs_nv(&c->head[DOWN], nv, P.up_ctx ? "https" : "http");
   int32_t sid;
+  char left_s[24];
+  uint64_t now = fs_now_ms();
+  if (c->deadline && now > c->t_start) {
+    /* Time went by here (held, repeated): the upstream gets what is left of
+     * the client's deadline, as a gRPC client would send it. */
+    uint64_t left = c->deadline > now ? c->deadline - now : 1;
+    size_t i;
+    if (left <= 99999999u) snprintf(left_s, sizeof(left_s), "%" PRIu64 "m", left);
+    else snprintf(left_s, sizeof(left_s), "%" PRIu64 "S", (left + 999) / 1000);
+    for (i = 0; i < n && strlen(left_s) <= 9; i++)
+      if (nv[i].namelen == 12 && !memcmp(nv[i].name, "grpc-timeout", 12)) {
+        nv[i].value = (uint8_t *)left_s;
+        nv[i].valuelen = strlen(left_s);
+      }
+  }
   int no_body = c->fl[DOWN].eof && c->fl[DOWN].data.len == 0 && !c->fl[DOWN].trailers.n;
   sid = nghttp2_submit_request(u->h2.session, NULL, nv, n, no_body ? NULL : &prd, c);
   if (!c->replay_on) hdrs_clear(&c->head[DOWN]); /* else kept to repeat the call */
@@ -667,7 +683,7 @@ static void submit_upstream(call *c, pconn *u) {
   u->nstreams++;
   fs_h2conn_mark(&u->h2);
   if (stall_watched(c)) { /* look at it halfway to its deadline (up_timer) */
-    uint64_t now = fs_now_ms(), due = c->t_sent + (stall_check_at(c) - c->t_sent) / 2;
+    uint64_t due = c->t_sent + (stall_check_at(c) - c->t_sent) / 2;
     uint64_t in = due > now ? due - now : 1;
     if (!uv_is_active((uv_handle_t *)&u->h2.timer) || uv_timer_get_due_in(&u->h2.timer) > in)
       fs_h2conn_set_timer(&u->h2, in);

@@ -179,8 +179,8 @@ def raw_upstream():
     """raw_upstream(script, default='ok'): node_peers.RawUpstream, stopped at teardown."""
     made: list[peers.RawUpstream] = []
 
-    def make(script: Optional[dict] = None, default="ok") -> peers.RawUpstream:
-        up = peers.RawUpstream(script, default)
+    def make(script: Optional[dict] = None, default="ok", port: int = 0) -> peers.RawUpstream:
+        up = peers.RawUpstream(script, default, port=port)
         made.append(up)
         return up
 
@@ -745,6 +745,33 @@ def test_hold_waits_for_the_upstream_and_expired_calls_are_not_sent_late(node_si
     # The calls whose deadline passed while held never reached the upstream.
     assert not counts.get("GetRun") and not counts.get("GetFab"), counts
     assert sc.metric("flower_sidecar_calls_held_total") >= 1
+
+
+def test_held_call_forwards_what_is_left_of_its_deadline(node_sidecar, raw_upstream):
+    # A call held ~2 s with grpc-timeout 10 s reaches the upstream with about
+    # 8 s left, as a gRPC client would send it after waiting that long: the
+    # server must not think it has more time than the client will give.
+    port = procs.free_port("127.0.0.1")
+    sc = node_sidecar(f"127.0.0.1:{port}", "--backoff-initial", "0.5", "--backoff-max", "0.5",
+                      wait_upstream=False)
+    fut = sc.future("GetRun", timeout=10)
+    time.sleep(2.0)
+    up = raw_upstream(port=port)
+    elapsed = wait_done(fut, 5 * SLOW, "the held call")
+    assert fut.exception(timeout=0) is None, fut.exception(timeout=0)
+    [st] = up.streams("GetRun")
+    sent = dict(st.headers).get("grpc-timeout", "")
+    assert sent.endswith("m") and sent[:-1].isdigit(), st.headers
+    left_ms = int(sent[:-1])
+    assert 10000 - elapsed * 1000 - 300 <= left_ms <= 10000 - 1900, (sent, elapsed)
+    # A call that was not held goes out with its header untouched.
+    rc = peers.RawClient(sc.port)
+    try:
+        res = rc.call(f"/{FLEET}/GetFab", peers.fleet_request("GetFab"), [("grpc-timeout", "7S")], timeout=5)
+    finally:
+        rc.close()
+    assert dict(res["trailers"]).get("grpc-status") == "0", res
+    assert dict(up.streams("GetFab")[0].headers).get("grpc-timeout") == "7S"
 
 
 def test_hold_timeout_ends_the_call_and_says_when_the_next_attempt_is(node_sidecar):
