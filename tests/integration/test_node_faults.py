@@ -1073,7 +1073,9 @@ def test_random_loss_and_delay_federation_completes(fed):
     the link's certificate for 127.0.0.1 (the relay's address), which the
     auto-generated certificate covers.
 
-    Heartbeats run through the lossy link every 5 s, each with Flower's 5 s
+    Heartbeats run through the lossy link at Flower's default interval (30 s:
+    one every ~20 s; a shorter one would let the SuperLink's 2 x interval
+    offline rule fire during TCP's 10 s stalls), each with Flower's 5 s
     deadline: one forwarded onto the connection while TCP is stalled (alive,
     but seconds without a byte getting through) gets a PING probe halfway to
     its deadline and, unanswered, ends UNAVAILABLE, which the SuperNode
@@ -1090,7 +1092,7 @@ def test_random_loss_and_delay_federation_completes(fed):
     fed.start_node("--log-level", "DEBUG", upstream=f"127.0.0.1:{RELAY_PORT}",
                    timings={"--keepalive-time": 2, "--keepalive-timeout": 10, "--connect-timeout": 10})
     mark = len(fed.node.events.all())
-    fed.start_supernodes(2, rounds, "--heartbeat-interval", "5")
+    fed.start_supernodes(2, rounds, "--heartbeat-interval", "30")
     wait_for(lambda: fed.stats().get("statuses", {}).get("SendNodeHeartbeat", {}).get("OK", 0) >= 2,
              20 * SLOW, f"the SuperNodes' first heartbeats\n{fed.logs()}")
     fed.topo.loss(20)
