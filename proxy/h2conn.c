@@ -182,7 +182,7 @@ static void flush(fs_h2conn *c) {
    * everything at once, nothing else would wake this connection: go on while
    * there is progress and more to send. */
   for (pass = 0;; pass++) {
-    uint64_t before = c->bytes_out + c->outq.len, sent_before = c->bytes_out;
+    uint64_t sent_before = c->bytes_out;
     if (c->session && c->tls_ready) {
       int rv = nghttp2_session_send(c->session);
       if (rv != 0) {
@@ -194,11 +194,12 @@ static void flush(fs_h2conn *c) {
     if (c->closing) return;
     start_write(c);
     if (c->closing) return;
-    /* Progress is bytes produced or bytes the socket took: a pass that
-     * only drained a full queue (nghttp2 said WOULDBLOCK at once) must be
-     * followed by one that lets nghttp2 write, or nothing wakes us. */
+    /* With the queue empty here, progress means the socket took bytes this
+     * pass; a pass that only drained a full queue (nghttp2 said WOULDBLOCK
+     * at once) must be followed by one that lets nghttp2 write, or nothing
+     * wakes us. */
     if (c->inflight || c->outq.len || !c->session || !c->tls_ready || !nghttp2_session_want_write(c->session) ||
-        (c->bytes_out + c->outq.len == before && c->bytes_out == sent_before))
+        c->bytes_out == sent_before)
       break;
     if (pass == 64) { /* let other connections have a turn */
       fs_h2conn_mark(c);

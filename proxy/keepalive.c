@@ -8,9 +8,16 @@ void fs_keepalive_init(fs_keepalive *k, uint64_t time_ms, uint64_t timeout_ms, u
   k->ping_ms = 0;
 }
 
-int fs_keepalive_probe(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, uint64_t *next_ms) {
+/* Takes in the time of the last byte received.  A byte in the outstanding
+ * PING's own millisecond or later answers it: a PING is sent only after
+ * time_ms (>= 1) of silence or for a probe, so earlier bytes are older. */
+static void note_rx(fs_keepalive *k, uint64_t last_rx_ms) {
   if (last_rx_ms > k->last_rx_ms) k->last_rx_ms = last_rx_ms;
   if (k->ping_ms && k->last_rx_ms >= k->ping_ms) k->ping_ms = 0;
+}
+
+int fs_keepalive_probe(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, uint64_t *next_ms) {
+  note_rx(k, last_rx_ms);
   if (k->ping_ms) {
     *next_ms = k->ping_ms + k->timeout_ms > now ? k->ping_ms + k->timeout_ms - now : 1;
     return 0;
@@ -22,10 +29,7 @@ int fs_keepalive_probe(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, uint6
 
 fs_ka_action fs_keepalive_check(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, int calls_open,
                                 uint64_t *next_ms) {
-  if (last_rx_ms > k->last_rx_ms) k->last_rx_ms = last_rx_ms;
-  /* A byte in the PING's own millisecond or later answers it: a PING is sent
-   * only after time_ms (>= 1) of silence, so earlier bytes are older. */
-  if (k->ping_ms && k->last_rx_ms >= k->ping_ms) k->ping_ms = 0;
+  note_rx(k, last_rx_ms);
   if (k->ping_ms) {
     if (now - k->ping_ms >= k->timeout_ms) return FS_KA_DEAD;
     *next_ms = k->ping_ms + k->timeout_ms - now;

@@ -646,6 +646,9 @@ static uint64_t stall_check_at(const call *c) {
   return c->t_sent + fs_grpc_hold_ms(UINT64_MAX, 1, left);
 }
 
+/* When to probe its connection: halfway to the check. */
+static uint64_t stall_probe_at(const call *c) { return c->t_sent + (stall_check_at(c) - c->t_sent) / 2; }
+
 static void submit_upstream(call *c, pconn *u) {
   nghttp2_data_provider prd = provider(c);
   nghttp2_nv nv[c->head[DOWN].n / 2 + 1];
@@ -657,13 +660,12 @@ static void submit_upstream(call *c, pconn *u) {
     /* Time went by here (held, repeated): the upstream gets what is left of
      * the client's deadline, as a gRPC client would send it. */
     uint64_t left = c->deadline > now ? c->deadline - now : 1;
-    size_t i;
-    if (left <= 99999999u) snprintf(left_s, sizeof(left_s), "%" PRIu64 "m", left);
-    else snprintf(left_s, sizeof(left_s), "%" PRIu64 "S", (left + 999) / 1000);
-    for (i = 0; i < n && strlen(left_s) <= 9; i++)
+    size_t i, len = left <= 99999999u ? (size_t)snprintf(left_s, sizeof(left_s), "%" PRIu64 "m", left)
+                                      : (size_t)snprintf(left_s, sizeof(left_s), "%" PRIu64 "S", (left + 999) / 1000);
+    for (i = 0; i < n && len <= 9; i++) /* at most 8 digits and a unit */
       if (nv[i].namelen == 12 && !memcmp(nv[i].name, "grpc-timeout", 12)) {
         nv[i].value = (uint8_t *)left_s;
-        nv[i].valuelen = strlen(left_s);
+        nv[i].valuelen = len;
       }
   }
   int no_body = c->fl[DOWN].eof && c->fl[DOWN].data.len == 0 && !c->fl[DOWN].trailers.n;
@@ -676,15 +678,14 @@ static void submit_upstream(call *c, pconn *u) {
   }
   c->leg[UP].conn = u;
   c->leg[UP].sid = sid;
-  c->t_sent = fs_now_ms();
+  c->t_sent = now;
   c->probe_ms = 0;
   c->stall_done = 0;
   list_add(&u->calls, c, UP);
   u->nstreams++;
   fs_h2conn_mark(&u->h2);
   if (stall_watched(c)) { /* look at it halfway to its deadline (up_timer) */
-    uint64_t due = c->t_sent + (stall_check_at(c) - c->t_sent) / 2;
-    uint64_t in = due > now ? due - now : 1;
+    uint64_t due = stall_probe_at(c), in = due > now ? due - now : 1;
     if (!uv_is_active((uv_handle_t *)&u->h2.timer) || uv_timer_get_due_in(&u->h2.timer) > in)
       fs_h2conn_set_timer(&u->h2, in);
   }
@@ -1373,7 +1374,7 @@ static uint64_t check_stalled_calls(pconn *u, uint64_t next) {
     n = c->leg[UP].next;
     if (!stall_watched(c) || c->finished || c->stall_done) continue;
     at = stall_check_at(c);
-    probe_at = c->t_sent + (at - c->t_sent) / 2;
+    probe_at = stall_probe_at(c);
     if (!c->probe_ms && now >= probe_at) {
       c->probe_ms = now;
       if (fs_keepalive_probe(&u->ka, now, u->h2.last_rx_ms, &probe_next)) send_ping(u);

@@ -102,6 +102,15 @@ class NodeSidecar(Sidecar):
         return (ch or self.fleet).unary_unary(f"/{FLEET}/{method}")(
             peers.fleet_request(method) if req is None else req, timeout=timeout, metadata=md)
 
+    def raw_call(self, method: str, headers: list[tuple[str, str]], timeout: float = 5.0) -> dict:
+        """A Fleet call from node_peers.RawClient (headers exactly as given,
+        no deadline of its own); its result dict."""
+        rc = peers.RawClient(self.port)
+        try:
+            return rc.call(f"/{FLEET}/{method}", peers.fleet_request(method), headers, timeout=timeout)
+        finally:
+            rc.close()
+
     def future(self, method: str, req: Optional[bytes] = None, timeout: float = 10.0, sleep: Optional[float] = None):
         """An asynchronous call; .t_done is set (monotonic) when it completes."""
         md = [("x-test-sleep", str(sleep))] if sleep is not None else None
@@ -715,12 +724,8 @@ def test_hold_waits_for_the_upstream_and_expired_calls_are_not_sent_late(node_si
     assert time.monotonic() - t0 < 0.5 + 0.4 + SLACK
     # The same from a client that never enforces its own grpc-timeout: the
     # sidecar ends the held call itself.
-    rc = peers.RawClient(sc.port)
-    try:
-        t0 = time.monotonic()
-        res = rc.call(f"/{FLEET}/GetFab", peers.fleet_request("GetFab"), [("grpc-timeout", "500m")], timeout=5)
-    finally:
-        rc.close()
+    t0 = time.monotonic()
+    res = sc.raw_call("GetFab", [("grpc-timeout", "500m")])
     assert res["t_end"] is not None, f"no answer within 5 s to a call with grpc-timeout 500m: {res}"
     assert 0.3 <= res["t_end"] - t0 <= 1.0 + SLACK, f"ended after {res['t_end'] - t0:.2f} s: {res}"
     status = dict(res["trailers"]).get("grpc-status")
@@ -765,11 +770,7 @@ def test_held_call_forwards_what_is_left_of_its_deadline(node_sidecar, raw_upstr
     left_ms = int(sent[:-1])
     assert 10000 - elapsed * 1000 - 300 <= left_ms <= 10000 - 1900, (sent, elapsed)
     # A call that was not held goes out with its header untouched.
-    rc = peers.RawClient(sc.port)
-    try:
-        res = rc.call(f"/{FLEET}/GetFab", peers.fleet_request("GetFab"), [("grpc-timeout", "7S")], timeout=5)
-    finally:
-        rc.close()
+    res = sc.raw_call("GetFab", [("grpc-timeout", "7S")])
     assert dict(res["trailers"]).get("grpc-status") == "0", res
     assert dict(up.streams("GetFab")[0].headers).get("grpc-timeout") == "7S"
 
