@@ -11,7 +11,9 @@
  *   ssl_kB  a server SSL kept after its handshake (SSL_MODE_RELEASE_BUFFERS,
  *           as the sidecar sets it);
  *   h2_kB   an nghttp2 server session that has read a client preface and
- *           SETTINGS and sent its own SETTINGS (no stream open).
+ *           SETTINGS and sent its own SETTINGS (no stream open);
+ *   h2_slots_kB  the same session on the sidecar's allocator (proxy/h2mem.c):
+ *           heap in use plus the pages of its page slots that are resident.
  *
  *   hsbench CERT KEY N
  */
@@ -25,6 +27,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "../proxy/h2mem.c"
+
 static double now(void) {
   struct timespec ts;
   clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
@@ -34,6 +38,16 @@ static double now(void) {
 static ssize_t h2_send(nghttp2_session *s, const uint8_t *d, size_t n, int f, void *u) {
   (void)s, (void)d, (void)f, (void)u;
   return (ssize_t)n;
+}
+
+/* Resident pages among the slots |k| has handed out. */
+static size_t slot_pages(const slot_class *k) {
+  size_t n = k->bumped * k->slot_size / (size_t)sysconf(_SC_PAGESIZE), i, r = 0;
+  unsigned char *vec = n ? calloc(n, 1) : NULL;
+  if (vec && mincore(k->base, n * (size_t)sysconf(_SC_PAGESIZE), vec) == 0)
+    for (i = 0; i < n; i++) r += vec[i] & 1;
+  free(vec);
+  return r;
 }
 
 static int handshake_pair(SSL_CTX *sctx, SSL_CTX *cctx, SSL **sp) {
@@ -161,6 +175,20 @@ int main(int argc, char **argv) {
     }
     b = mallinfo2();
     printf("h2_kB %.1f\n", ((double)b.uordblks - (double)a.uordblks) / m / 1000.0);
+    for (i = 0; i < m; i++) nghttp2_session_del(hs[i]);
+    malloc_trim(0);
+    a = mallinfo2();
+    for (i = 0; i < m; i++) {
+      nghttp2_session_server_new3(&hs[i], cbs, NULL, NULL, fs_h2mem());
+      nghttp2_submit_settings(hs[i], NGHTTP2_FLAG_NONE, iv, 3);
+      nghttp2_session_set_local_window_size(hs[i], NGHTTP2_FLAG_NONE, 0, 1 << 20);
+      nghttp2_session_mem_recv(hs[i], preface, sizeof(preface) - 1);
+      nghttp2_session_send(hs[i]);
+    }
+    b = mallinfo2();
+    printf("h2_slots_kB %.1f\n", (((double)b.uordblks - (double)a.uordblks) +
+                                   (double)(slot_pages(&g_small) + slot_pages(&g_big)) * (double)sysconf(_SC_PAGESIZE)) /
+                                      m / 1000.0);
   }
   return 0;
 }

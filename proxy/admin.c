@@ -14,6 +14,7 @@
 
 #include "bufq.h"
 #include "h2conn.h"
+#include "h2mem.h"
 #include "health.pb-c.h"
 #include "log.h"
 #include "metrics.h"
@@ -294,7 +295,7 @@ static int a_ready(fs_h2conn *h) {
   nghttp2_settings_entry iv[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 1000},
                                  {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 16384}};
   fs_h2conn_set_timer(h, 0);
-  if (nghttp2_session_server_new(&h->session, A.cbs, h) != 0 ||
+  if (nghttp2_session_server_new3(&h->session, A.cbs, h, NULL, fs_h2mem()) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 2) != 0) {
     snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");
     return -1;

@@ -18,6 +18,7 @@
 #include "config.h"
 #include "fedstate.h"
 #include "h2conn.h"
+#include "h2mem.h"
 #include "log.h"
 #include "observe.h"
 #include "proxy.h"
@@ -126,6 +127,7 @@ int main(int argc, char **argv) {
   fs_proxy_on_state_change(fs_admin_update);
   uv_run(loop, UV_RUN_DEFAULT);
   fs_bufq_global_free();
+  fs_h2mem_global_free();
   fs_fed_reset();
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.stop")) {
     fs_ev_u64(&ev, "dropped_lines", fs_log_dropped());

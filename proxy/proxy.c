@@ -27,6 +27,7 @@
 #include "bufq.h"
 #include "grpcmsg.h"
 #include "h2conn.h"
+#include "h2mem.h"
 #include "keepalive.h"
 #include "log.h"
 #include "metrics.h"
@@ -1168,7 +1169,7 @@ static int down_ready(fs_h2conn *h) {
   };
   fs_event ev;
   fs_h2conn_set_timer(h, 0);
-  if (nghttp2_session_server_new2(&h->session, P.cbs, d, P.down_opt) != 0 ||
+  if (nghttp2_session_server_new3(&h->session, P.cbs, d, P.down_opt, fs_h2mem()) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 3) != 0 ||
       nghttp2_session_set_local_window_size(h->session, NGHTTP2_FLAG_NONE, 0, (int32_t)P.cfg->conn_window) != 0) {
     snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");
@@ -1297,7 +1298,7 @@ static int up_ready(fs_h2conn *h) {
     {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, P.cfg->stream_window},
     {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, P.cfg->max_header_list_size},
   };
-  if (nghttp2_session_client_new2(&h->session, P.cbs, u, P.up_opt) != 0 ||
+  if (nghttp2_session_client_new3(&h->session, P.cbs, u, P.up_opt, fs_h2mem()) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 3) != 0 ||
       /* Stream windows bound memory; the connection window only must not
        * get in the way (see consume()). */
