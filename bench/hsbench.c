@@ -13,7 +13,7 @@
  *   h2_kB   an nghttp2 server session that has read a client preface and
  *           SETTINGS and sent its own SETTINGS (no stream open);
  *   h2_slots_kB  the same session on the sidecar's allocator (proxy/h2mem.c):
- *           heap in use plus the pages of its page slots that are resident.
+ *           heap in use plus the slot pages resident (RSS, from smaps).
  *
  *   hsbench CERT KEY N
  */
@@ -38,16 +38,6 @@ static double now(void) {
 static ssize_t h2_send(nghttp2_session *s, const uint8_t *d, size_t n, int f, void *u) {
   (void)s, (void)d, (void)f, (void)u;
   return (ssize_t)n;
-}
-
-/* Resident pages among the slots |k| has handed out. */
-static size_t slot_pages(const slot_class *k) {
-  size_t n = k->bumped * k->slot_size / (size_t)sysconf(_SC_PAGESIZE), i, r = 0;
-  unsigned char *vec = n ? calloc(n, 1) : NULL;
-  if (vec && mincore(k->base, n * (size_t)sysconf(_SC_PAGESIZE), vec) == 0)
-    for (i = 0; i < n; i++) r += vec[i] & 1;
-  free(vec);
-  return r;
 }
 
 static int handshake_pair(SSL_CTX *sctx, SSL_CTX *cctx, SSL **sp) {
@@ -187,7 +177,7 @@ int main(int argc, char **argv) {
     }
     b = mallinfo2();
     printf("h2_slots_kB %.1f\n", (((double)b.uordblks - (double)a.uordblks) +
-                                   (double)(slot_pages(&g_small) + slot_pages(&g_big)) * (double)sysconf(_SC_PAGESIZE)) /
+                                   (double)fs_h2mem_resident_bytes()) /
                                       m / 1000.0);
   }
   return 0;

@@ -2,6 +2,7 @@
 #include "h2mem.h"
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -151,6 +152,30 @@ nghttp2_mem *fs_h2mem(void) {
 void fs_h2mem_get_stats(fs_h2mem_stats *out) {
   out->slots_in_use = g_small.in_use + g_big.in_use;
   out->fallback_allocs = g_fallback;
+}
+
+static long rss_in(FILE *f, const slot_class *k) {
+  char line[512];
+  unsigned long lo, hi, klo = (unsigned long)k->base, khi = klo + k->slot_size * k->max_slots;
+  long kb, total = 0;
+  int inside = 0;
+  char perms[8];
+  if (!k->base) return 0;
+  rewind(f);
+  while (fgets(line, sizeof(line), f)) {
+    if (sscanf(line, "%lx-%lx %7s", &lo, &hi, perms) == 3) inside = lo < khi && hi > klo;
+    else if (inside && sscanf(line, "Rss: %ld kB", &kb) == 1) total += kb;
+  }
+  return total * 1024;
+}
+
+long fs_h2mem_resident_bytes(void) {
+  FILE *f = fopen("/proc/self/smaps", "r");
+  long r;
+  if (!f) return -1;
+  r = rss_in(f, &g_small) + rss_in(f, &g_big);
+  fclose(f);
+  return r;
 }
 
 static void class_release(slot_class *k) {

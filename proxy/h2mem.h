@@ -44,6 +44,11 @@ typedef struct fs_h2mem_stats {
 
 void fs_h2mem_get_stats(fs_h2mem_stats *out);
 
+/* Bytes of the slot range that are resident, as the kernel counts RSS (from
+ * /proc/self/smaps: pages only read map the shared zero page and do not
+ * count).  Returns -1 when smaps cannot be read.  For tests and benches. */
+long fs_h2mem_resident_bytes(void);
+
 /* Returns the address range.  Call at exit, after every session using it
  * has been deleted. */
 void fs_h2mem_global_free(void);
