@@ -37,9 +37,10 @@ static int class_reserve(slot_class *k, size_t slot_size, size_t max_slots) {
 }
 
 static void reserve_once(void) {
-  long page = sysconf(_SC_PAGESIZE);
+  long page;
   if (g_reserved) return;
   g_reserved = 1;
+  page = sysconf(_SC_PAGESIZE);
   if (page <= 0 || (size_t)page > FS_H2MEM_MIN) return; /* every request falls back to malloc */
   (void)class_reserve(&g_small, (size_t)page, FS_H2MEM_SMALL_SLOTS);
   (void)class_reserve(&g_big, (size_t)page * FS_H2MEM_BIG_PAGES, FS_H2MEM_BIG_SLOTS);
@@ -88,8 +89,9 @@ static void class_give_back(slot_class *k, void *p) {
   k->in_use--;
 }
 
+/* The range is reserved by fs_h2mem(), the only way to this allocator; an
+ * unreserved class has slot_size 0 and serves nothing. */
 static slot_class *class_for(size_t size) {
-  reserve_once();
   if (size < FS_H2MEM_MIN) return NULL;
   if (size <= g_small.slot_size) return &g_small;
   if (size <= g_big.slot_size) return &g_big;

@@ -663,11 +663,12 @@ static void submit_upstream(call *c, pconn *u) {
     uint64_t left = c->deadline > now ? c->deadline - now : 1;
     size_t i, len = left <= 99999999u ? (size_t)snprintf(left_s, sizeof(left_s), "%" PRIu64 "m", left)
                                       : (size_t)snprintf(left_s, sizeof(left_s), "%" PRIu64 "S", (left + 999) / 1000);
-    for (i = 0; i < n && len <= 9; i++) /* at most 8 digits and a unit */
-      if (nv[i].namelen == 12 && !memcmp(nv[i].name, "grpc-timeout", 12)) {
-        nv[i].value = (uint8_t *)left_s;
-        nv[i].valuelen = len;
-      }
+    if (len <= 9) /* at most 8 digits and a unit */
+      for (i = 0; i < n; i++)
+        if (nv[i].namelen == 12 && !memcmp(nv[i].name, "grpc-timeout", 12)) {
+          nv[i].value = (uint8_t *)left_s;
+          nv[i].valuelen = len;
+        }
   }
   int no_body = c->fl[DOWN].eof && c->fl[DOWN].data.len == 0 && !c->fl[DOWN].trailers.n;
   sid = nghttp2_submit_request(u->h2.session, NULL, nv, n, no_body ? NULL : &prd, c);
