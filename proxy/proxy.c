@@ -105,6 +105,7 @@ struct pconn {
   uint32_t nstreams;
   fs_keepalive ka;  /* node role: upstream liveness */
   uint64_t ping_t0; /* when our outstanding PING was sent, for its round trip */
+  uint64_t ping_ack_ms; /* when the last PING ACK arrived (loop clock); 0: never */
   uint64_t rpcs;
   call *calls;
   pconn *prev, *next;
@@ -971,6 +972,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
       fs_event ev;
       P.stats.ping_rtt_us = (uv_hrtime() / 1000) - pc->ping_t0;
       pc->ping_t0 = 0;
+      pc->ping_ack_ms = fs_now_ms();
       if (fs_ev_begin(&ev, FS_LOG_DEBUG, "upstream.ping")) {
         fs_ev_str(&ev, "upstream", P.up_name);
         fs_ev_num(&ev, "rtt_ms", (double)P.stats.ping_rtt_us / 1000.0, 3);
@@ -1362,11 +1364,14 @@ static void send_ping(pconn *u) {
 }
 
 /* Watched calls (stall_watched) without response headers halfway to their
- * deadline probe the connection with a PING; if nothing has arrived since
- * by the check time (stall_check_at) the call ends UNAVAILABLE, which the
- * SuperNode retries, rather than DEADLINE_EXCEEDED, which it does not, and
- * the unanswered PING ends the connection timeout later.  A connection that
- * answers is alive: the call is left to its own deadline (a slow answer).
+ * deadline probe the connection with a PING (unless one is already out);
+ * if no PING ACK arrives between the probe and the check time
+ * (stall_check_at) the call ends UNAVAILABLE, which the SuperNode retries,
+ * rather than DEADLINE_EXCEEDED, which it does not, and keepalive judges
+ * the connection.  Only the ACK counts: on a lossy link other bytes trickle
+ * in for seconds (retransmitted DATA queued long before) while the call's
+ * own bytes are stuck behind them.  A connection that answers the PING in
+ * time is alive: the call is left to its own deadline (a slow server).
  * Returns the delay before the next look, at most |next| (0: none). */
 static uint64_t check_stalled_calls(pconn *u, uint64_t next) {
   uint64_t now = fs_now_ms(), probe_next;
@@ -1379,7 +1384,10 @@ static uint64_t check_stalled_calls(pconn *u, uint64_t next) {
     probe_at = stall_probe_at(c);
     if (!c->probe_ms && now >= probe_at) {
       c->probe_ms = now;
-      if (fs_keepalive_probe(&u->ka, now, u->h2.last_rx_ms, &probe_next)) send_ping(u);
+      if (!u->ping_t0) {
+        (void)fs_keepalive_probe(&u->ka, now, u->h2.last_rx_ms, &probe_next);
+        send_ping(u);
+      }
     }
     if (now < at) {
       uint64_t due = c->probe_ms ? at : probe_at;
@@ -1387,7 +1395,7 @@ static uint64_t check_stalled_calls(pconn *u, uint64_t next) {
       continue;
     }
     c->stall_done = 1;
-    if (u->h2.last_rx_ms >= c->probe_ms) continue; /* the connection answered: a slow call */
+    if (u->ping_ack_ms >= c->probe_ms) continue; /* the connection answered: a slow call */
     P.stats.calls_failed_down++;
     fail_call(c, GRPC_UNAVAILABLE,
               "flower-sidecar: upstream %s did not answer a PING within %.1f s, the call's deadline is near",

@@ -338,6 +338,7 @@ class Conn:
         self.goaway_received: Optional[tuple[int, int]] = None
         self.state = "open"  # open | stalled | closing | closed
         self.calm_on_ping: Optional[Stream] = None
+        self.held_pings: Optional[list[bytes]] = None  # while a trickle runs: PINGs not yet ACKed
         self.lock = threading.Lock()
         self.decoder = HpackDecoder()
         self.header_buf: Optional[tuple[int, int, bytearray]] = None  # (sid, flags, block) until END_HEADERS
@@ -402,6 +403,10 @@ class RawUpstream:
                       connection again (no PING ACK, no WINDOW_UPDATE)
       "calm"          read the whole request; at the next PING send GOAWAY
                       ENHANCE_YOUR_CALM "too_many_pings" (last-stream-id = this stream) and close
+      ("trickle", s, n)  answer with an n-byte message sent one byte every s seconds;
+                      meanwhile PING ACKs wait behind it (sent when it ends): a lossy
+                      link, where old bytes keep arriving and new ones are stuck
+      "hang"          never answer this stream; the connection carries on
     """
 
     def __init__(self, script: Optional[dict] = None, default: Action = "ok",
@@ -555,6 +560,8 @@ class RawUpstream:
             if c.calm_on_ping is not None and c.state == "open":
                 c.goaway(c.calm_on_ping.sid, ENHANCE_YOUR_CALM, b"too_many_pings")
                 c.close_gracefully()
+            elif c.state == "open" and c.held_pings is not None:
+                c.held_pings.append(payload)
             elif c.state == "open":
                 c.send(frame(PING, ACK, 0, payload))
             return
@@ -628,8 +635,30 @@ class RawUpstream:
             c.state = "stalled"
         elif a == "calm":
             c.calm_on_ping = st
+        elif isinstance(a, tuple) and a[0] == "trickle":
+            threading.Thread(target=self._trickle, args=(c, st, a[1], a[2]), daemon=True).start()
+        elif a == "hang":
+            pass
         else:
             raise ValueError(f"unknown action {a!r}")
+
+
+    def _trickle(self, c: Conn, st: Stream, every: float, n: int) -> None:
+        c.held_pings = []
+        st.answered = True
+        c.send(frame(HEADERS, END_HEADERS, st.sid,
+                     hpack([(":status", "200"), ("content-type", "application/grpc")])))
+        msg = grpc_message(bytes(n))
+        for i in range(len(msg)):
+            if self._stop.is_set() or c.state != "open" or st.rst_code is not None:
+                break
+            c.send(frame(DATA, 0, st.sid, msg[i:i + 1]))
+            time.sleep(every)
+        else:
+            c.send(frame(HEADERS, END_HEADERS | END_STREAM, st.sid, hpack([("grpc-status", "0")])))
+        held, c.held_pings = c.held_pings, None
+        for payload in held:
+            c.send(frame(PING, ACK, 0, payload))
 
 
 # --- a raw client ----------------------------------------------------------------

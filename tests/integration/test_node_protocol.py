@@ -565,6 +565,32 @@ def test_stalled_heartbeat_ends_unavailable_before_its_deadline(node_sidecar, ra
     assert down["reason"].startswith("keepalive"), down
 
 
+def test_heartbeat_stuck_behind_trickling_bytes_ends_unavailable(node_sidecar, raw_upstream):
+    # A lossy WAN (seen in the 20 % loss federation test): bytes queued long
+    # ago keep trickling in, so the connection is not silent, but the PING
+    # the sidecar sends for a heartbeat halfway to its deadline is stuck
+    # behind them (a PING round trip of 27 s was measured there).  Only the
+    # PING's ACK proves the connection is answering: without it the
+    # heartbeat ends UNAVAILABLE (retried) rather than DEADLINE_EXCEEDED
+    # (which stops the SuperNode), and the trickling call is not disturbed.
+    up = raw_upstream({"PullObject": [("trickle", 0.1, 30)], "SendNodeHeartbeat": ["hang"]})
+    sc = node_sidecar(up.address, "--keepalive-time", "30", "--keepalive-timeout", "10")
+    assert sc.call("GetRun") == b""
+    pull = sc.future("PullObject", timeout=30)
+    wait_for(lambda: up.count("PullObject") == 1, 5 * SLOW, "the PullObject to reach the upstream")
+    time.sleep(0.3)  # the trickle has begun
+    hb = sc.future("SendNodeHeartbeat", timeout=2)
+    elapsed = wait_done(hb, 5 * SLOW, "the heartbeat to end")
+    err = hb.exception(timeout=1)
+    assert err is not None, "the heartbeat succeeded on a connection that never answered it?"
+    msg = assert_unavailable_from_sidecar(err, up.address)
+    assert "PING" in msg, msg
+    assert 1.5 <= elapsed < 2.0, f"ended after {elapsed:.2f} s: {msg}"
+    assert up.conns[0].pings, f"no PING probed the heartbeat:\n{up.summary()}"
+    assert pull.result(timeout=10 * SLOW) == bytes(30)
+    assert len(up.conns) == 1, f"the trickling connection was dropped:\n{up.summary()}"
+
+
 def test_slow_answer_on_a_live_connection_keeps_its_deadline(node_sidecar, raw_upstream):
     # The same heartbeat on a connection that answers PINGs is a slow server,
     # not a dead link: the client's own deadline decides; and a side-effecting
