@@ -901,11 +901,14 @@ static void on_request_headers(call *c, const nghttp2_frame *frame) {
     c->method = (uint8_t)fs_fleet_method_of(p.base, p.len);
     if (c->method != FS_FLEET_NONE && P.cfg->observe) c->obs = fs_obs_start(p.base, p.len, c->leg[DOWN].conn->h2.peer);
   }
-  if (P.cfg->hold_timeout_s > 0) {
+  /* The deadline matters to holding and, in the node role, to the stall
+   * probe (check_stalled_calls), which works with --hold-timeout 0 too. */
+  if (P.cfg->hold_timeout_s > 0 || P.cfg->role == FS_ROLE_NODE) {
     nghttp2_vec to = hdrs_get(&c->head[DOWN], "grpc-timeout");
     uint64_t ms = 0;
     int has_deadline = to.len && fs_grpc_timeout_ms(to.base, to.len, &ms) == 0;
-    c->hold_until = c->t_start + fs_grpc_hold_ms((uint64_t)(P.cfg->hold_timeout_s * 1000), has_deadline, ms);
+    if (P.cfg->hold_timeout_s > 0)
+      c->hold_until = c->t_start + fs_grpc_hold_ms((uint64_t)(P.cfg->hold_timeout_s * 1000), has_deadline, ms);
     if (has_deadline) c->deadline = c->t_start + (ms ? ms : 1);
   }
   route_call(c);

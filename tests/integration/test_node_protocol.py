@@ -541,14 +541,16 @@ def test_keepalive_no_pings_while_idle_and_answered_pings_keep_a_slow_call(node_
     assert len(up.pings()) == n, up.summary()
 
 
-def test_stalled_heartbeat_ends_unavailable_before_its_deadline(node_sidecar, raw_upstream):
+@pytest.mark.parametrize("hold", [[], ["--hold-timeout", "0"]], ids=["default", "hold-timeout-0"])
+def test_stalled_heartbeat_ends_unavailable_before_its_deadline(node_sidecar, raw_upstream, hold):
     # Flower's heartbeat has a 5 s deadline and the SuperNode stops on
     # DEADLINE_EXCEEDED.  A heartbeat forwarded onto a link that has just
     # gone silent (keepalive would notice only after 30 + 10 s) must end
     # UNAVAILABLE before its deadline: halfway there the sidecar PINGs, and
     # with no answer it ends the call and lets keepalive finish the connection.
+    # Also when calls are not held for a reconnect (--hold-timeout 0).
     up = raw_upstream({"SendNodeHeartbeat": ["stall"]})
-    sc = node_sidecar(up.address, "--keepalive-time", "30", "--keepalive-timeout", "3")
+    sc = node_sidecar(up.address, "--keepalive-time", "30", "--keepalive-timeout", "3", *hold)
     assert sc.call("GetRun") == b""
     mark = sc.events.mark()
     fut = sc.future("SendNodeHeartbeat", timeout=2)
