@@ -115,7 +115,7 @@ void fs_h2conn_write(fs_h2conn *c, const void *data, size_t len) {
 }
 
 int fs_h2conn_writable(const fs_h2conn *c) {
-  return !c->closing && c->outq.len + (g_stage_owner == c ? g_stage_len : 0) < FS_OUTQ_HIGH;
+  return !c->closing && c->outq.len + (g_stage_owner == c ? g_stage_len : 0) < c->outq_cap;
 }
 
 static ssize_t send_cb(nghttp2_session *s, const uint8_t *data, size_t len, int flags, void *ud) {
@@ -152,11 +152,40 @@ static void on_write(uv_write_t *req, int status) {
   fs_h2conn_mark(c);
 }
 
+/* Sizes the queue ahead of the socket to the link (pacing.h), at most every
+ * FS_PACING_RECHECK_MS: one getsockopt, and the round trip of a loaded slow
+ * link grows with its queue, so it is looked at again while data flows. */
+static void pace(fs_h2conn *c) {
+  struct tcp_info ti;
+  socklen_t len = sizeof(ti);
+  uv_os_fd_t fd;
+  uint64_t now = uv_now(c->tcp.loop);
+  if (c->pacing_off || (c->paced_ms && now - c->paced_ms < FS_PACING_RECHECK_MS)) return;
+  if (!c->paced_ms) {
+    struct sockaddr_storage peer;
+    int plen = sizeof(peer);
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&peer, &plen) != 0 ||
+        !fs_pacing_wanted((const struct sockaddr *)&peer)) {
+      c->pacing_off = 1;
+      return;
+    }
+  }
+  c->paced_ms = now ? now : 1;
+  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0 || getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return;
+  c->outq_cap = fs_pacing_cap(ti.tcpi_rtt, ti.tcpi_snd_cwnd, ti.tcpi_snd_mss);
+  if (!c->notsent_set && fs_pacing_is_wan(ti.tcpi_rtt)) {
+    int v = FS_PACING_NOTSENT;
+    c->notsent_set = 1;
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof(v));
+  }
+}
+
 static void start_write(fs_h2conn *c) {
   uv_buf_t bufs[32];
   size_t n, total;
   int w;
   if (c->inflight || c->outq.len == 0 || c->closing) return;
+  pace(c);
   n = outq_bufs(c, bufs, 32, &total);
   w = uv_try_write((uv_stream_t *)&c->tcp, bufs, (unsigned)n);
   if (w == UV_EAGAIN || w == UV_ENOSYS) w = 0;
@@ -371,6 +400,7 @@ int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops) {
   int rv;
   memset(c, 0, sizeof(*c));
   c->ops = ops;
+  c->outq_cap = FS_OUTQ_HIGH;
   fs_bufq_init(&c->outq, 0);
   if ((rv = uv_tcp_init(loop, &c->tcp)) < 0) return rv;
   c->open_handles = 1;

@@ -24,9 +24,11 @@
 #include <uv.h>
 
 #include "bufq.h"
+#include "pacing.h"
 
-/* Bytes queued for the socket above which nghttp2 is told to wait. */
-#define FS_OUTQ_HIGH (256 * 1024)
+/* Bytes queued for the socket above which nghttp2 is told to wait: this
+ * on loopback and LANs, less on WAN links (pacing.h). */
+#define FS_OUTQ_HIGH FS_PACING_DEEP
 /* TLS plaintext is gathered into records of this size. */
 #define FS_TLS_RECORD 16384
 
@@ -60,6 +62,8 @@ struct fs_h2conn {
   const fs_h2conn_ops *ops;
   fs_bufq outq;                 /* bytes (ciphertext with TLS) for the socket */
   size_t inflight;              /* bytes of outq handed to uv_write */
+  size_t outq_cap;              /* nghttp2 waits above this (pacing.h) */
+  uint64_t paced_ms;            /* loop time outq_cap was last set; 0: never */
   uv_write_t wreq;
   const uint8_t *rx;            /* ciphertext the BIO hands to OpenSSL */
   size_t rx_len;
@@ -68,6 +72,8 @@ struct fs_h2conn {
   uint64_t last_rx_ms;          /* loop time of the last byte read */
   uint64_t opened_ms;
   uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
+  uint8_t notsent_set;          /* TCP_NOTSENT_LOWAT applied (WAN link) */
+  uint8_t pacing_off;           /* loopback peer: never paced (pacing.h) */
   char peer[300];
   char close_reason[160];
 };

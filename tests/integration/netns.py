@@ -6,13 +6,16 @@ Used by test_node_faults.py (root only):
     topo.argv("a", cmd...)            # ["ip", "netns", "exec", NS_A, cmd...]
     topo.blackhole()                  # silent: every packet dropped both ways
     topo.loss(20)                     # 20 % of packets dropped, both ways
+    topo.rate(4000, 200)              # 4 Mbit/s each way, up to 200 ms queued
     topo.clear()                      # the link is clean again
     topo.destroy()                    # namespaces (and so the veth pair) gone
 
 Faults are nftables `netdev` tables with an ingress chain hooked on each veth
 end, inside that end's namespace (this kernel has no sch_netem).  A blackhole
 is `policy drop`; loss is a rule `numgen random mod 100 < N drop`.  Either
-is removed by deleting the table.  Nothing here touches the host's own
+is removed by deleting the table.  A slow link is a `tbf` qdisc on each
+veth end (egress): a bandwidth cap with a bounded queue, whose queueing
+delay is real TCP round-trip time.  Nothing here touches the host's own
 network namespace except to create the veth pair and move its ends away.
 
 Names embed the test runner's PID; namespaces of runners that are no longer
@@ -29,6 +32,7 @@ from typing import Sequence
 
 IP = "/usr/sbin/ip"
 NFT = "/usr/sbin/nft"
+TC = "/usr/sbin/tc"
 TABLE = "fsfault"   # the one nftables table a fault lives in, per namespace
 
 _counter = itertools.count(1)
@@ -130,8 +134,20 @@ class Topology:
         assert 0 < percent < 100
         self._install(f"loss {percent}%", f"numgen random mod 100 < {percent} drop", "accept")
 
+    def rate(self, kbit: int, queue_ms: int) -> None:
+        """Caps each direction at |kbit| kbit/s with at most |queue_ms| of
+        queue (packets beyond it are dropped), on top of any nftables fault."""
+        for side in ("a", "b"):
+            run(self.argv(side, TC, "qdisc", "replace", "dev", self.dev[side], "root", "tbf",
+                          "rate", f"{kbit}kbit", "burst", "16kb", "latency", f"{queue_ms}ms"))
+        self.shaped = f"{kbit} kbit/s"
+
     def clear(self) -> None:
-        """Removes whatever fault is installed (idempotent)."""
+        """Removes whatever fault and rate cap are installed (idempotent)."""
+        if getattr(self, "shaped", None):
+            for side in ("a", "b"):
+                run(self.argv(side, TC, "qdisc", "del", "dev", self.dev[side], "root"), check=False)
+            self.shaped = None
         for side in ("a", "b"):
             r = run(self.argv(side, NFT, "list", "tables"), check=False)
             if TABLE in r.stdout:

@@ -18,7 +18,7 @@ health is read with build/flower-probe and /metrics with curl, both run in
 namespace B.  Faults are nftables netdev ingress chains on both veth ends:
 a silent blackhole (policy drop) or random loss (numgen random mod 100 < N);
 latency comes from delay_relay.py, a TCP relay in ns B in front of the veth
-(this kernel has no netem).
+(this kernel has no netem); a slow link is a tbf qdisc on both veth ends.
 
 Small timings everywhere: --keepalive-time 1 --keepalive-timeout 1
 --backoff-initial 0.5 --backoff-max 2 --connect-timeout 3 on the node
@@ -61,6 +61,9 @@ Tests (each builds its own namespaces and processes):
                                    upstream.up + SERVING, schedule reset after SETTINGS
   strict upstream ................ grpcio TLS server: too_many_pings doubles the
                                    keepalive time, one reconnect
+  slow link (500 kbit/s) ......... small calls during a 1.5 MiB download wait
+                                   behind little more than the link's own queue
+                                   (median < 3 s), none fails
 
 Judged against the Fleet emulator's own counters (stats file of the
 SuperLink, summary files of the SuperNodes) and logs: every round
@@ -1262,3 +1265,46 @@ def test_strict_upstream_too_many_pings_doubles_keepalive(fed):
     connects = fed.metric("flower_sidecar_upstream_connects_total")
     assert connects <= 3, f"{connects} connection attempts: a reconnect storm"
     assert len(fed.node.events.find("upstream.up", since=mark)) == 1, fed.node.logs()
+
+
+
+
+def test_slow_link_small_calls_are_not_stuck_behind_a_download(fed):
+    """A 500 kbit/s edge link (tbf on both veth ends with 500 ms of queue:
+    real TCP round trips, unlike the delay relay) carrying a 1.5 MiB
+    download; meanwhile a small call every 0.5 s over the same node ->
+    link connection.  Everything serialized ahead of a small call goes out
+    before it, and a heartbeat has 5 s: the sidecars pace WAN connections
+    (proxy/pacing.h: about one congestion window queued in user space,
+    TCP_NOTSENT_LOWAT 16 KiB in the kernel) so the call waits behind little
+    more than the link's own queue.  Measured in development: median
+    1.6-2.2 s paced (5 runs), 4.0-4.1 s with the sidecars and the kernel
+    queueing freely (3 runs, which this test's 3 s bound rejects); the
+    download took 26.1-26.2 s either way."""
+    fed.start_echo()
+    fed.start_link()
+    fed.start_node(timings={"--keepalive-time": 30, "--keepalive-timeout": 10, "--connect-timeout": 20})
+    fed.topo.rate(500, 500)
+    small = NsClient(fed, "/test.Echo/Unary", timeout=20, count=0, payload="x", interval=0.5)
+    big = NsClient(fed, "/test.Echo/Sized", timeout=120, count=1, payload=str(1536 * 1024))
+    small.go()
+    time.sleep(2)
+    big.go()
+    try:
+        res = big.result(timeout=150 * SLOW)
+    finally:
+        small.stop()
+        fed.topo.clear()
+    assert res[0]["code"] == "OK", res
+    t0, t1 = res[0]["t0"], res[0]["t1"]
+    calls = small.calls()
+    bad = [c for c in calls if c["code"] != "OK"]
+    assert not bad, f"small calls failed: {bad}\n{fed.logs()}"
+    # The calls made once the download had filled the queues, until it ended.
+    lat = sorted(c["t1"] - c["t0"] for c in calls if t0 + 3 <= c["t0"] <= t1 - 1)
+    n = len(lat)
+    assert n >= 3, f"only {n} small calls during the download ({t1 - t0:.1f} s)"
+    figure(f"500 kbit/s link (500 ms queue): 1.5 MiB download in {t1 - t0:.1f} s; {n} small calls meanwhile: "
+           f"median {lat[n // 2]:.2f} s, max {lat[-1]:.2f} s")
+    assert lat[n // 2] < 3.0, f"small calls waited behind the download: {[round(x, 2) for x in lat]}"
+
