@@ -161,23 +161,24 @@ static void pace(fs_h2conn *c) {
   uv_os_fd_t fd;
   uint64_t now = uv_now(c->tcp.loop);
   if (c->pacing_off || (c->paced_ms && now - c->paced_ms < FS_PACING_RECHECK_MS)) return;
-  if (!c->paced_ms) {
+  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0) {
+    c->pacing_off = 1;
+    return;
+  }
+  if (!c->paced_ms) { /* the first write */
     struct sockaddr_storage peer;
-    int plen = sizeof(peer);
+    int plen = sizeof(peer), lowat = FS_PACING_NOTSENT;
     if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&peer, &plen) != 0 ||
         !fs_pacing_wanted((const struct sockaddr *)&peer)) {
       c->pacing_off = 1;
       return;
     }
+    (void)setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
+    c->outq_cap = FS_PACING_LAN;
   }
   c->paced_ms = now ? now : 1;
-  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0 || getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) != 0) return;
-  c->outq_cap = fs_pacing_cap(ti.tcpi_rtt, ti.tcpi_snd_cwnd, ti.tcpi_snd_mss);
-  if (!c->notsent_set && fs_pacing_is_wan(ti.tcpi_rtt)) {
-    int v = FS_PACING_NOTSENT;
-    c->notsent_set = 1;
-    (void)setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &v, sizeof(v));
-  }
+  if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0)
+    c->outq_cap = fs_pacing_cap(ti.tcpi_rtt, ti.tcpi_snd_cwnd, ti.tcpi_snd_mss);
 }
 
 static void start_write(fs_h2conn *c) {

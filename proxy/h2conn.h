@@ -27,7 +27,7 @@
 #include "pacing.h"
 
 /* Bytes queued for the socket above which nghttp2 is told to wait: this
- * on loopback and LANs, less on WAN links (pacing.h). */
+ * to loopback peers, less to others (pacing.h). */
 #define FS_OUTQ_HIGH FS_PACING_DEEP
 /* TLS plaintext is gathered into records of this size. */
 #define FS_TLS_RECORD 16384
@@ -72,7 +72,6 @@ struct fs_h2conn {
   uint64_t last_rx_ms;          /* loop time of the last byte read */
   uint64_t opened_ms;
   uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
-  uint8_t notsent_set;          /* TCP_NOTSENT_LOWAT applied (WAN link) */
   uint8_t pacing_off;           /* loopback peer: never paced (pacing.h) */
   char peer[300];
   char close_reason[160];

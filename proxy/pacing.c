@@ -23,9 +23,9 @@ int fs_pacing_is_wan(uint32_t rtt_us) { return rtt_us >= FS_PACING_WAN_RTT_US; }
 
 size_t fs_pacing_cap(uint32_t rtt_us, uint32_t cwnd, uint32_t mss) {
   uint64_t window;
-  if (!fs_pacing_is_wan(rtt_us) || cwnd == 0 || mss == 0) return FS_PACING_DEEP;
+  if (!fs_pacing_is_wan(rtt_us) || cwnd == 0 || mss == 0) return FS_PACING_LAN;
   window = (uint64_t)cwnd * mss;
   if (window < FS_PACING_MIN) return FS_PACING_MIN;
-  if (window > FS_PACING_DEEP) return FS_PACING_DEEP;
+  if (window > FS_PACING_LAN) return FS_PACING_LAN;
   return (size_t)window;
 }

@@ -4,15 +4,17 @@
  *
  * Whatever is already serialized (TLS records in the output queue, unsent
  * bytes in the kernel's send buffer) goes out before anything nghttp2 writes
- * next: a PING ACK, a heartbeat's HEADERS, a small call's answer.  On
- * loopback or a LAN that queue drains in microseconds and large writes save
- * CPU, so it may be deep (FS_PACING_DEEP).  On a WAN link whose round trip
- * is long the same queue is seconds of delay, longer than a heartbeat's 5 s
- * deadline on a 1 Mbit/s edge uplink; there the owner keeps about one
- * congestion window in user space (at least one TLS record) and asks the
- * kernel to keep at most FS_PACING_NOTSENT unsent bytes (TCP_NOTSENT_LOWAT),
- * so nghttp2's own ordering (control frames and new streams' HEADERS before
- * queued DATA) decides what goes next.  Pure: the owner reads TCP_INFO.
+ * next: a PING ACK, a heartbeat's HEADERS, a small call's answer.  To a
+ * loopback peer that queue drains in microseconds and large writes save
+ * CPU, so it may be deep (FS_PACING_DEEP).  Any other connection asks the
+ * kernel to keep at most FS_PACING_NOTSENT unsent bytes (TCP_NOTSENT_LOWAT,
+ * from its first write on) and queues at most FS_PACING_LAN in user space;
+ * once its round trip is long (a WAN link, or a slow one whose queue has
+ * filled) about one congestion window, at least one TLS record.  nghttp2's
+ * own ordering (control frames and new streams' HEADERS before queued
+ * DATA) then decides what goes next, and a heartbeat's 5 s deadline is not
+ * spent behind seconds of model data on a 1 Mbit/s edge uplink.  Pure: the
+ * owner reads the peer's address and TCP_INFO.
  */
 #ifndef FS_PACING_H
 #define FS_PACING_H
@@ -21,22 +23,24 @@
 #include <stdint.h>
 #include <sys/socket.h>
 
-/* Deep queue: loopback, LAN, or no TCP_INFO. */
+/* Deep queue: loopback peers. */
 #define FS_PACING_DEEP (256 * 1024)
+/* Other peers while their round trip is short, or nothing is known. */
+#define FS_PACING_LAN (64 * 1024)
 /* At least one full TLS record and its overhead. */
 #define FS_PACING_MIN (16 * 1024 + 64)
 /* A round trip at or above this is a WAN link (smoothed RTT, µs). */
 #define FS_PACING_WAN_RTT_US 10000u
 /* How often a connection that is writing looks at TCP_INFO again. */
 #define FS_PACING_RECHECK_MS 250
-/* TCP_NOTSENT_LOWAT for WAN connections. */
+/* TCP_NOTSENT_LOWAT for connections to non-loopback peers. */
 #define FS_PACING_NOTSENT (16 * 1024)
 
-/* The cap on bytes serialized ahead of the socket for a connection whose
- * smoothed round trip is |rtt_us| with a congestion window of |cwnd|
- * segments of |mss| bytes: FS_PACING_DEEP below FS_PACING_WAN_RTT_US (or
- * when |mss| or |cwnd| is 0: nothing known), else cwnd * mss clamped to
- * [FS_PACING_MIN, FS_PACING_DEEP]. */
+/* The cap on bytes serialized ahead of the socket of a connection to a
+ * non-loopback peer whose smoothed round trip is |rtt_us| with a congestion
+ * window of |cwnd| segments of |mss| bytes: FS_PACING_LAN below
+ * FS_PACING_WAN_RTT_US (or when |mss| or |cwnd| is 0: nothing known), else
+ * cwnd * mss clamped to [FS_PACING_MIN, FS_PACING_LAN]. */
 size_t fs_pacing_cap(uint32_t rtt_us, uint32_t cwnd, uint32_t mss);
 
 /* Nonzero when a connection to |peer| may be paced at all: not to a

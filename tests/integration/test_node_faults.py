@@ -63,7 +63,7 @@ Tests (each builds its own namespaces and processes):
                                    keepalive time, one reconnect
   slow link (500 kbit/s) ......... small calls during a 1.5 MiB download wait
                                    behind little more than the link's own queue
-                                   (median < 3 s), none fails
+                                   (median < 3.5 s), none fails
 
 Judged against the Fleet emulator's own counters (stats file of the
 SuperLink, summary files of the SuperNodes) and logs: every round
@@ -1274,13 +1274,14 @@ def test_slow_link_small_calls_are_not_stuck_behind_a_download(fed):
     real TCP round trips, unlike the delay relay) carrying a 1.5 MiB
     download; meanwhile a small call every 0.5 s over the same node ->
     link connection.  Everything serialized ahead of a small call goes out
-    before it, and a heartbeat has 5 s: the sidecars pace WAN connections
-    (proxy/pacing.h: about one congestion window queued in user space,
-    TCP_NOTSENT_LOWAT 16 KiB in the kernel) so the call waits behind little
-    more than the link's own queue.  Measured in development: median
-    1.6-2.2 s paced (5 runs), 4.0-4.1 s with the sidecars and the kernel
-    queueing freely (3 runs, which this test's 3 s bound rejects); the
-    download took 26.1-26.2 s either way."""
+    before it, and a heartbeat has 5 s: the sidecars pace connections to
+    non-loopback peers (proxy/pacing.h: TCP_NOTSENT_LOWAT 16 KiB in the
+    kernel, at most 64 KiB queued in user space, about one congestion window
+    once the round trip is long) so the call waits behind little more than
+    the link's own queue.  Measured in development: median
+    1.4-2.6 s paced (15 runs of three pacing variants), 3.98-4.13 s with the
+    sidecars and the kernel queueing freely (3 runs, which this test's 3.5 s
+    bound rejects); the download took 26.1-27.8 s either way."""
     fed.start_echo()
     fed.start_link()
     fed.start_node(timings={"--keepalive-time": 30, "--keepalive-timeout": 10, "--connect-timeout": 20})
@@ -1306,5 +1307,5 @@ def test_slow_link_small_calls_are_not_stuck_behind_a_download(fed):
     assert n >= 3, f"only {n} small calls during the download ({t1 - t0:.1f} s)"
     figure(f"500 kbit/s link (500 ms queue): 1.5 MiB download in {t1 - t0:.1f} s; {n} small calls meanwhile: "
            f"median {lat[n // 2]:.2f} s, max {lat[-1]:.2f} s")
-    assert lat[n // 2] < 3.0, f"small calls waited behind the download: {[round(x, 2) for x in lat]}"
+    assert lat[n // 2] < 3.5, f"small calls waited behind the download: {[round(x, 2) for x in lat]}"
 

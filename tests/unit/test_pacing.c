@@ -46,13 +46,14 @@ static void loopback_peers_are_never_paced(void **state) {
   assert_false(fs_pacing_wanted(&un));
 }
 
-/* Loopback (tens of µs) and a LAN (1 ms) keep the deep queue whatever the window. */
-static void short_round_trips_keep_the_deep_queue(void **state) {
+/* A LAN round trip (1 ms) keeps the LAN queue whatever the window. */
+static void short_round_trips_keep_the_lan_queue(void **state) {
   (void)state;
-  assert_int_equal(fs_pacing_cap(40, 10, 65483), FS_PACING_DEEP);
-  assert_int_equal(fs_pacing_cap(1000, 2, 1448), FS_PACING_DEEP);
-  assert_int_equal(fs_pacing_cap(FS_PACING_WAN_RTT_US - 1, 1, 1448), FS_PACING_DEEP);
+  assert_int_equal(fs_pacing_cap(40, 10, 65483), FS_PACING_LAN);
+  assert_int_equal(fs_pacing_cap(1000, 2, 1448), FS_PACING_LAN);
+  assert_int_equal(fs_pacing_cap(FS_PACING_WAN_RTT_US - 1, 1, 1448), FS_PACING_LAN);
   assert_false(fs_pacing_is_wan(FS_PACING_WAN_RTT_US - 1));
+  assert_true(FS_PACING_LAN < FS_PACING_DEEP);
 }
 
 /* A WAN link gets about one congestion window. */
@@ -63,28 +64,28 @@ static void wan_gets_one_congestion_window(void **state) {
   assert_int_equal(fs_pacing_cap(FS_PACING_WAN_RTT_US, 20, 1448), 20 * 1448);
 }
 
-/* Never below one TLS record (a small window on a lossy link), never above the deep queue. */
+/* Never below one TLS record (a small window on a lossy link), never above the LAN queue. */
 static void window_is_clamped(void **state) {
   (void)state;
   assert_int_equal(fs_pacing_cap(400000, 2, 1448), FS_PACING_MIN);
   assert_true(FS_PACING_MIN > 16384);
-  assert_int_equal(fs_pacing_cap(50000, 10000, 1448), FS_PACING_DEEP);
-  assert_int_equal(fs_pacing_cap(50000, 0xffffffffu, 0xffffffffu), FS_PACING_DEEP); /* no overflow */
+  assert_int_equal(fs_pacing_cap(50000, 10000, 1448), FS_PACING_LAN);
+  assert_int_equal(fs_pacing_cap(50000, 0xffffffffu, 0xffffffffu), FS_PACING_LAN); /* no overflow */
 }
 
-/* Nothing known (no window or no MSS yet): the deep queue, as before pacing. */
-static void unknown_window_keeps_the_deep_queue(void **state) {
+/* Nothing known (no window or no MSS yet): the LAN queue. */
+static void unknown_window_keeps_the_lan_queue(void **state) {
   (void)state;
-  assert_int_equal(fs_pacing_cap(300000, 0, 1448), FS_PACING_DEEP);
-  assert_int_equal(fs_pacing_cap(300000, 10, 0), FS_PACING_DEEP);
+  assert_int_equal(fs_pacing_cap(300000, 0, 1448), FS_PACING_LAN);
+  assert_int_equal(fs_pacing_cap(300000, 10, 0), FS_PACING_LAN);
 }
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(short_round_trips_keep_the_deep_queue),
+      cmocka_unit_test(short_round_trips_keep_the_lan_queue),
       cmocka_unit_test(wan_gets_one_congestion_window),
       cmocka_unit_test(window_is_clamped),
-      cmocka_unit_test(unknown_window_keeps_the_deep_queue),
+      cmocka_unit_test(unknown_window_keeps_the_lan_queue),
       cmocka_unit_test(loopback_peers_are_never_paced),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
