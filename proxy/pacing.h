@@ -12,9 +12,10 @@
  * once its round trip is long (a WAN link, or a slow one whose queue has
  * filled) about one congestion window, at least one TLS record.  nghttp2's
  * own ordering (control frames and new streams' HEADERS before queued
- * DATA) then decides what goes next, and a heartbeat's 5 s deadline is not
- * spent behind seconds of model data on a 1 Mbit/s edge uplink.  Pure: the
- * owner reads the peer's address and TCP_INFO.
+ * DATA) then decides what goes next, and less of a heartbeat's 5 s deadline
+ * is spent behind model data on a slow edge uplink (the link's own queue
+ * and the bytes in flight still come first).  Pure: the owner reads the
+ * peer's address and TCP_INFO.
  */
 #ifndef FS_PACING_H
 #define FS_PACING_H
