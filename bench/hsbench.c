@@ -150,7 +150,7 @@ int main(int argc, char **argv) {
     malloc_trim(0);
     a = mallinfo2();
     for (i = 0; i < m; i++)
-      if (handshake_pair(sctx, cctx, &keep[i]) < 0) return fprintf(stderr, "hsbench: handshake failed\n"), 1;
+      if (handshake_pair(sctx, cctx, &keep[i]) < 0) return fprintf(stderr, "hsbench: the TLS handshake did not complete\n"), 1;
     b = mallinfo2();
     printf("ssl_kB %.1f\n", ((double)b.uordblks - (double)a.uordblks) / m / 1000.0);
     nghttp2_session_callbacks_new(&cbs);

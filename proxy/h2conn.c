@@ -152,6 +152,21 @@ static void on_write(uv_write_t *req, int status) {
   fs_h2conn_mark(c);
 }
 
+/* At the start: a connection to a non-loopback peer keeps little unsent in
+ * the kernel and a shallower queue of its own (pacing.h). */
+static void pacing_start(fs_h2conn *c) {
+  struct sockaddr_storage peer;
+  int plen = sizeof(peer), lowat = FS_PACING_NOTSENT;
+  uv_os_fd_t fd;
+  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0 || uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&peer, &plen) != 0 ||
+      !fs_pacing_wanted((const struct sockaddr *)&peer)) {
+    c->pacing_off = 1;
+    return;
+  }
+  (void)setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
+  c->outq_cap = FS_PACING_LAN;
+}
+
 /* Sizes the queue ahead of the socket to the link (pacing.h), at most every
  * FS_PACING_RECHECK_MS: one getsockopt, and the round trip of a loaded slow
  * link grows with its queue, so it is looked at again while data flows. */
@@ -160,24 +175,9 @@ static void pace(fs_h2conn *c) {
   socklen_t len = sizeof(ti);
   uv_os_fd_t fd;
   uint64_t now = uv_now(c->tcp.loop);
-  if (c->pacing_off || (c->paced_ms && now - c->paced_ms < FS_PACING_RECHECK_MS)) return;
-  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0) {
-    c->pacing_off = 1;
-    return;
-  }
-  if (!c->paced_ms) { /* the first write */
-    struct sockaddr_storage peer;
-    int plen = sizeof(peer), lowat = FS_PACING_NOTSENT;
-    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&peer, &plen) != 0 ||
-        !fs_pacing_wanted((const struct sockaddr *)&peer)) {
-      c->pacing_off = 1;
-      return;
-    }
-    (void)setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
-    c->outq_cap = FS_PACING_LAN;
-  }
-  c->paced_ms = now ? now : 1;
-  if (getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0)
+  if (c->pacing_off || now - c->paced_ms < FS_PACING_RECHECK_MS) return;
+  c->paced_ms = now;
+  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) == 0 && getsockopt(fd, IPPROTO_TCP, TCP_INFO, &ti, &len) == 0)
     c->outq_cap = fs_pacing_cap(ti.tcpi_rtt, ti.tcpi_snd_cwnd, ti.tcpi_snd_mss);
 }
 
@@ -401,7 +401,7 @@ int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops) {
   int rv;
   memset(c, 0, sizeof(*c));
   c->ops = ops;
-  c->outq_cap = FS_OUTQ_HIGH;
+  c->outq_cap = FS_PACING_DEEP;
   fs_bufq_init(&c->outq, 0);
   if ((rv = uv_tcp_init(loop, &c->tcp)) < 0) return rv;
   c->open_handles = 1;
@@ -425,6 +425,7 @@ int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, con
   int rv;
   c->connected = 1;
   uv_tcp_nodelay(&c->tcp, 1);
+  pacing_start(c);
   if (ctx) {
     BIO *bio;
     if (!(c->ssl = SSL_new(ctx)) || !(bio = BIO_new(g_bio_method))) {

@@ -26,9 +26,6 @@
 #include "bufq.h"
 #include "pacing.h"
 
-/* Bytes queued for the socket above which nghttp2 is told to wait: this
- * to loopback peers, less to others (pacing.h). */
-#define FS_OUTQ_HIGH FS_PACING_DEEP
 /* TLS plaintext is gathered into records of this size. */
 #define FS_TLS_RECORD 16384
 
@@ -62,8 +59,8 @@ struct fs_h2conn {
   const fs_h2conn_ops *ops;
   fs_bufq outq;                 /* bytes (ciphertext with TLS) for the socket */
   size_t inflight;              /* bytes of outq handed to uv_write */
-  size_t outq_cap;              /* nghttp2 waits above this (pacing.h) */
-  uint64_t paced_ms;            /* loop time outq_cap was last set; 0: never */
+  size_t outq_cap;              /* bytes queued above which nghttp2 waits (pacing.h) */
+  uint64_t paced_ms;            /* loop time TCP_INFO was last looked at */
   uv_write_t wreq;
   const uint8_t *rx;            /* ciphertext the BIO hands to OpenSSL */
   size_t rx_len;

@@ -8,7 +8,7 @@
  * loopback peer that queue drains in microseconds and large writes save
  * CPU, so it may be deep (FS_PACING_DEEP).  Any other connection asks the
  * kernel to keep at most FS_PACING_NOTSENT unsent bytes (TCP_NOTSENT_LOWAT,
- * from its first write on) and queues at most FS_PACING_LAN in user space;
+ * from the start) and queues at most FS_PACING_LAN in user space;
  * once its round trip is long (a WAN link, or a slow one whose queue has
  * filled) about one congestion window, at least one TLS record.  nghttp2's
  * own ordering (control frames and new streams' HEADERS before queued

@@ -1387,10 +1387,7 @@ static uint64_t check_stalled_calls(pconn *u, uint64_t next) {
     probe_at = stall_probe_at(c);
     if (!c->probe_ms && now >= probe_at) {
       c->probe_ms = now;
-      if (!u->ping_t0) {
-        (void)fs_keepalive_probe(&u->ka, now, u->h2.last_rx_ms, &probe_next);
-        send_ping(u);
-      }
+      if (!u->ping_t0 && fs_keepalive_probe(&u->ka, now, u->h2.last_rx_ms, &probe_next)) send_ping(u);
     }
     if (now < at) {
       uint64_t due = c->probe_ms ? at : probe_at;

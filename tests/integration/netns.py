@@ -78,6 +78,7 @@ class Topology:
         third = 1 + (pid * 7 + n) % 250
         self.addr = {"a": f"10.213.{third}.1", "b": f"10.213.{third}.2"}
         self.fault: str | None = None
+        self.shaped: str | None = None  # the rate cap, if any
         self.created = False
 
     @classmethod
@@ -144,7 +145,7 @@ class Topology:
 
     def clear(self) -> None:
         """Removes whatever fault and rate cap are installed (idempotent)."""
-        if getattr(self, "shaped", None):
+        if self.shaped:
             for side in ("a", "b"):
                 run(self.argv(side, TC, "qdisc", "del", "dev", self.dev[side], "root"), check=False)
             self.shaped = None
