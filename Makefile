@@ -11,7 +11,7 @@ PYGEN    := $(BUILD)/py
 DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
             libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
             libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-cryptography \
-            nghttp2-client openssl iproute2 nftables clang libclang-rt-14-dev valgrind prometheus
+            nghttp2-client openssl iproute2 nftables clang clang-format libclang-rt-14-dev valgrind prometheus
 
 PKGS     := libuv openssl libnghttp2 libprotobuf-c
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -39,7 +39,7 @@ UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
 UNIT_ASAN   := $(patsubst tests/unit/%.c,$(BUILD)/unit-asan/%,$(UNIT_SRC))
 
-.PHONY: all deps test unit unit-asan integration demo install clean bench fuzz fuzz-corpus fuzz-seeds proto-py
+.PHONY: format format-check all deps test unit unit-asan integration demo install clean bench fuzz fuzz-corpus fuzz-seeds proto-py
 all: $(BUILD)/flower-sidecar $(BUILD)/flower-probe proto-py
 
 deps:
@@ -112,6 +112,7 @@ integration: all $(BUILD)/flower-sidecar-asan
 	/usr/bin/python3 -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
 
 test: deps
+	$(MAKE) format-check
 	$(MAKE) all
 	$(MAKE) unit
 	$(MAKE) unit-asan
@@ -149,6 +150,14 @@ demo: deps
 # Side by side with nginx and HAProxy: see bench/README.md (about 5 minutes).
 bench: $(BUILD)/flower-sidecar
 	bench/run
+
+# One C style for the whole tree (.clang-format); `make test` checks it.
+FORMAT_SRC = $(wildcard proxy/*.[ch] health/*.[ch] tests/unit/*.[ch] tests/fuzz/*.[ch] bench/*.[ch])
+format:
+	clang-format -i $(FORMAT_SRC)
+
+format-check:
+	clang-format --dry-run -Werror $(FORMAT_SRC)
 
 install: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
 	install -D -m 0755 $(BUILD)/flower-sidecar $(DESTDIR)$(PREFIX)/bin/flower-sidecar

@@ -367,8 +367,8 @@ static void accept_all(int lfd) {
     conn *c;
     struct epoll_event ev;
     nghttp2_settings_entry iv[] = {
-      {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 1000},
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 4194303},
+        {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 1000},
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 4194303},
     };
     if (fd < 0) return;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));

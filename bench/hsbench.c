@@ -66,8 +66,8 @@ static int handshake_pair(SSL_CTX *sctx, SSL_CTX *cctx, SSL **sp) {
   return sd && cd ? 0 : -1;
 }
 
-static int alpn_cb(SSL *s, const unsigned char **out, unsigned char *outlen, const unsigned char *in, unsigned int inlen,
-                   void *arg) {
+static int alpn_cb(SSL *s, const unsigned char **out, unsigned char *outlen, const unsigned char *in,
+                   unsigned int inlen, void *arg) {
   (void)s, (void)arg, (void)inlen;
   *out = in + 1;
   *outlen = in[0];
@@ -150,7 +150,8 @@ int main(int argc, char **argv) {
     malloc_trim(0);
     a = mallinfo2();
     for (i = 0; i < m; i++)
-      if (handshake_pair(sctx, cctx, &keep[i]) < 0) return fprintf(stderr, "hsbench: the TLS handshake did not complete\n"), 1;
+      if (handshake_pair(sctx, cctx, &keep[i]) < 0)
+        return fprintf(stderr, "hsbench: the TLS handshake did not complete\n"), 1;
     b = mallinfo2();
     printf("ssl_kB %.1f\n", ((double)b.uordblks - (double)a.uordblks) / m / 1000.0);
     nghttp2_session_callbacks_new(&cbs);
@@ -176,9 +177,8 @@ int main(int argc, char **argv) {
       nghttp2_session_send(hs[i]);
     }
     b = mallinfo2();
-    printf("h2_slots_kB %.1f\n", (((double)b.uordblks - (double)a.uordblks) +
-                                   (double)fs_h2mem_resident_bytes()) /
-                                      m / 1000.0);
+    printf("h2_slots_kB %.1f\n",
+           (((double)b.uordblks - (double)a.uordblks) + (double)fs_h2mem_resident_bytes()) / m / 1000.0);
   }
   return 0;
 }

@@ -136,9 +136,15 @@ static void handshake(conn *c) {
     return;
   }
   switch (SSL_get_error(c->ssl, r)) {
-  case SSL_ERROR_WANT_READ: set_events(c, EPOLLIN); break;
-  case SSL_ERROR_WANT_WRITE: set_events(c, EPOLLOUT); break;
-  default: ERR_clear_error(); dead(c);
+  case SSL_ERROR_WANT_READ:
+    set_events(c, EPOLLIN);
+    break;
+  case SSL_ERROR_WANT_WRITE:
+    set_events(c, EPOLLOUT);
+    break;
+  default:
+    ERR_clear_error();
+    dead(c);
   }
 }
 

@@ -74,7 +74,8 @@ int main(int argc, char **argv) {
   {
     double *r = rtt + n / 20;
     int m = n - n / 20;
-    printf("p10_us %.1f\np25_us %.1f\np50_us %.1f\np75_us %.1f\np99_us %.1f\n", r[m / 10], r[m / 4], r[m / 2], r[m * 3 / 4], r[(int)(m * 0.99)]);
+    printf("p10_us %.1f\np25_us %.1f\np50_us %.1f\np75_us %.1f\np99_us %.1f\n", r[m / 10], r[m / 4], r[m / 2],
+           r[m * 3 / 4], r[(int)(m * 0.99)]);
   }
   return 0;
 }

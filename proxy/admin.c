@@ -22,7 +22,7 @@
 #include "proxy.h"
 #include "uphealth.h"
 
-#define PREFACE "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+#define PREFACE     "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 #define PREFACE_LEN 24
 /* An HTTP/1.1 request head larger than this is refused. */
 #define HTTP1_MAX 8192
@@ -46,8 +46,8 @@ struct astream {
   uint8_t method, end_after, deferred, overflow;
   uint8_t req[REQ_MAX];
   size_t req_len;
-  fs_bufq out; /* framed HealthCheckResponse messages not yet sent */
-  astream *prev, *next; /* the connection's streams */
+  fs_bufq out;            /* framed HealthCheckResponse messages not yet sent */
+  astream *prev, *next;   /* the connection's streams */
   astream *wprev, *wnext; /* watchers */
   uint8_t watching, unknown_service, complete;
 };
@@ -87,9 +87,7 @@ static const char *upstream_detail(void) {
   return fs_proxy_upstream_up() && !fs_uphealth_ok() ? fs_uphealth_reason() : fs_proxy_upstream_error();
 }
 
-fs_health_status fs_admin_status(const char **reason) {
-  return current(reason);
-}
+fs_health_status fs_admin_status(const char **reason) { return current(reason); }
 
 static void push_status(astream *s, fs_health_status st);
 
@@ -181,10 +179,10 @@ static ssize_t read_cb(nghttp2_session *ses, int32_t sid, uint8_t *buf, size_t l
 static void respond_error(astream *s, const char *status, const char *msg) {
   char enc[400];
   nghttp2_nv nv[] = {
-    {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
-    {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
-    {(uint8_t *)"grpc-status", (uint8_t *)status, 11, strlen(status), NGHTTP2_NV_FLAG_NONE},
-    {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"grpc-status", (uint8_t *)status, 11, strlen(status), NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
   };
   nv[3].valuelen = fs_grpc_message_encode(enc, sizeof(enc), msg);
   nghttp2_submit_response(s->conn->h2.session, s->sid, nv, 4, NULL);
@@ -192,8 +190,8 @@ static void respond_error(astream *s, const char *status, const char *msg) {
 
 static void on_request_complete(astream *s) {
   nghttp2_nv nv[] = {
-    {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
-    {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
+      {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
   };
   nghttp2_data_provider prd;
   Grpc__Health__V1__HealthCheckRequest *req;
@@ -365,9 +363,21 @@ static void http_request(aconn *c) {
   } else if (!strcmp(target, "/metrics") && A.cfg->metrics) {
     const fs_proxy_stats *ps = fs_proxy_get_stats();
     fs_fed_run runs[FS_FED_RUNS];
-    fs_metrics_sample smp = {ps->conns_current, ps->conns_total, ps->tls_failures, fs_proxy_upstream_up(),
-                             ps->upstream_connects, current(&reason) == FS_HEALTH_SERVING, fs_log_dropped(),
-                             fs_fed_nodes_active(), runs, 0, 0, 0, 0, 0, 0};
+    fs_metrics_sample smp = {ps->conns_current,
+                             ps->conns_total,
+                             ps->tls_failures,
+                             fs_proxy_upstream_up(),
+                             ps->upstream_connects,
+                             current(&reason) == FS_HEALTH_SERVING,
+                             fs_log_dropped(),
+                             fs_fed_nodes_active(),
+                             runs,
+                             0,
+                             0,
+                             0,
+                             0,
+                             0,
+                             0};
     smp.n_runs = fs_fed_runs(runs);
     smp.calls_held = ps->calls_held;
     smp.calls_failed_down = ps->calls_failed_down;
@@ -463,7 +473,8 @@ int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errl
   nghttp2_session_callbacks_set_on_stream_close_callback(A.cbs, on_stream_close);
   fs_hostport_split(cfg->admin, host, sizeof(host), &port);
   if (!host[0]) strcpy(host, "127.0.0.1");
-  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 && uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0)
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
+      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0)
     return snprintf(err, errlen, "invalid --admin: '%s' (not a numeric IP address)", cfg->admin), -1;
   uv_tcp_init(loop, &A.listener);
   A.listening = 1;

@@ -12,13 +12,13 @@
 #include <stdint.h>
 
 #define FS_BACKOFF_MULTIPLIER 1.6
-#define FS_BACKOFF_JITTER 0.2
+#define FS_BACKOFF_JITTER     0.2
 
 typedef struct fs_backoff {
   uint64_t initial_ms, max_ms;
-  double current_ms;  /* the un-jittered delay the next wait is based on */
-  uint32_t attempt;   /* attempts made since the last reset */
-  uint64_t rng;       /* xorshift64 state */
+  double current_ms; /* the un-jittered delay the next wait is based on */
+  uint32_t attempt;  /* attempts made since the last reset */
+  uint64_t rng;      /* xorshift64 state */
 } fs_backoff;
 
 void fs_backoff_init(fs_backoff *b, uint64_t initial_ms, uint64_t max_ms, uint64_t seed);

@@ -24,8 +24,8 @@ typedef struct fs_config {
   char upstream[256];
   char admin[256];
   char upstream_health[256]; /* the SuperLink's own health server, "" = not asked */
-  int tls;                 /* link: TLS on the listener; node: TLS to the upstream */
-  const char *tls_ca;      /* path or base64 PEM, or NULL */
+  int tls;                   /* link: TLS on the listener; node: TLS to the upstream */
+  const char *tls_ca;        /* path or base64 PEM, or NULL */
   const char *tls_cert;
   const char *tls_key;
   const char *tls_ca_from; /* "--tls-ca" or "FL_SSL_CA_CERTFILE": for messages */
@@ -39,23 +39,23 @@ typedef struct fs_config {
   fs_log_level log_level;
   const char *log_file;
   int metrics;
-  int observe;             /* decode Fleet calls into events */
+  int observe; /* decode Fleet calls into events */
   double keepalive_time_s;
   double keepalive_timeout_s;
   double backoff_initial_s;
   double backoff_max_s;
   double connect_timeout_s;
   double tls_handshake_timeout_s;
-  double idle_timeout_s;      /* 0: never */
+  double idle_timeout_s; /* 0: never */
   double drain_timeout_s;
   uint32_t max_concurrent_streams;
   uint32_t max_header_list_size;
   uint32_t max_message_size;
-  uint32_t stream_window;     /* bytes buffered per stream and direction, at most */
-  uint32_t conn_window;       /* bytes buffered per downstream connection, at most */
+  uint32_t stream_window; /* bytes buffered per stream and direction, at most */
+  uint32_t conn_window;   /* bytes buffered per downstream connection, at most */
   uint32_t upstream_conns_max;
-  double hold_timeout_s;      /* wait-for-ready while the upstream is down; 0: fail at once */
-  uint32_t retry_buffer;      /* request bytes kept per call to repeat it safely; 0: no retries */
+  double hold_timeout_s; /* wait-for-ready while the upstream is down; 0: fail at once */
+  uint32_t retry_buffer; /* request bytes kept per call to repeat it safely; 0: no retries */
 } fs_config;
 
 /* Fills |cfg| from |argv| (argv[1] is the role) and the environment.

@@ -11,9 +11,9 @@ typedef struct fnode {
   uint64_t id;
   uint64_t last_seen_ms;
   double hb_s;
-  uint64_t cur_serial; /* the round its latest instruction belongs to */
-  uint64_t awaited_serial; /* a round that counts on it (online at its start) */
-  int64_t cur_round;    /* -1: not known (yet) */
+  uint64_t cur_serial;        /* the round its latest instruction belongs to */
+  uint64_t awaited_serial;    /* a round that counts on it (online at its start) */
+  int64_t cur_round;          /* -1: not known (yet) */
   uint64_t pend_in, pend_out; /* object bytes before its round was known */
   uint32_t pushes_left;       /* objects its reply still has to push */
   uint8_t used, active, offline;
@@ -23,7 +23,7 @@ typedef struct fmsg {
   char id[FS_FED_ID_LEN + 1];
   char *type, *group; /* owned; at most FS_FED_STR_MAX bytes */
   uint64_t node_id, run_id, t_dispatch;
-  int64_t round;         /* -1 unknown */
+  int64_t round; /* -1 unknown */
   uint32_t n_objects;
   char (*objects)[FS_FED_ID_LEN + 1]; /* while the round is unknown */
   uint8_t used, announced, replied;
@@ -36,17 +36,17 @@ typedef struct fround {
   int64_t round;
   uint64_t t_start;
   uint32_t nodes, replies, errors, missing; /* missing: went offline without replying */
-  uint32_t awaited; /* online nodes at its start that have not left without joining */
-  uint32_t pushes_pending; /* reply objects announced, not yet pushed */
+  uint32_t awaited;                         /* online nodes at its start that have not left without joining */
+  uint32_t pushes_pending;                  /* reply objects announced, not yet pushed */
   uint64_t bytes_in, bytes_out;
   uint8_t open;
 } fround;
 
 #define CONFIG_CACHE 256
 static struct {
-  fnode *nodes;   /* open addressing by id */
+  fnode *nodes; /* open addressing by id */
   size_t nodes_cap, n_nodes;
-  fmsg *msgs;     /* open addressing by id hash */
+  fmsg *msgs; /* open addressing by id hash */
   size_t msgs_cap, n_msgs;
   fround rounds[MAX_ROUNDS];
   struct {
@@ -147,8 +147,7 @@ static fnode *node_get(uint64_t id, int create) {
     for (j = 0; j < oldcap; j++)
       if (old[j].used) {
         size_t k;
-        for (k = hash_u64(old[j].id) & (F.nodes_cap - 1); F.nodes[k].used; k = (k + 1) & (F.nodes_cap - 1)) {
-        }
+        for (k = hash_u64(old[j].id) & (F.nodes_cap - 1); F.nodes[k].used; k = (k + 1) & (F.nodes_cap - 1)) {}
         F.nodes[k] = old[j];
       }
     free(old);
@@ -191,8 +190,7 @@ static void msgs_compact(void) {
     }
     {
       size_t k;
-      for (k = hash_str(old[j].id) & (cap - 1); F.msgs[k].used; k = (k + 1) & (cap - 1)) {
-      }
+      for (k = hash_str(old[j].id) & (cap - 1); F.msgs[k].used; k = (k + 1) & (cap - 1)) {}
       F.msgs[k] = old[j];
       F.n_msgs++;
     }
@@ -253,7 +251,8 @@ static fround *round_of_node(const fnode *n) {
 static fround *round_find(uint64_t run_id, const char *type, int64_t round) {
   int i;
   for (i = 0; i < MAX_ROUNDS; i++)
-    if (F.rounds[i].open && F.rounds[i].run_id == run_id && F.rounds[i].round == round && !strcmp(F.rounds[i].type, type))
+    if (F.rounds[i].open && F.rounds[i].run_id == run_id && F.rounds[i].round == round &&
+        !strcmp(F.rounds[i].type, type))
       return &F.rounds[i];
   return NULL;
 }
@@ -433,7 +432,8 @@ void fs_fed_dispatch_msg(uint64_t now, const fs_fed_dispatch *d) {
   }
   free(m->objects);
   m->objects = calloc(d->n_objects < FS_FED_MAX_TREE ? d->n_objects : FS_FED_MAX_TREE, FS_FED_ID_LEN + 1);
-  for (i = 0; m->objects && i < d->n_objects && i < FS_FED_MAX_TREE; i++) copy(m->objects[i], FS_FED_ID_LEN + 1, d->objects[i]);
+  for (i = 0; m->objects && i < d->n_objects && i < FS_FED_MAX_TREE; i++)
+    copy(m->objects[i], FS_FED_ID_LEN + 1, d->objects[i]);
 }
 
 void fs_fed_config_round(uint64_t now, const char *object_id, int64_t round) {

@@ -22,12 +22,12 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#define FS_FED_MAX_NODES 16384
-#define FS_FED_MAX_MSGS 16384
-#define FS_FED_MAX_TREE 64 /* object ids remembered per instruction */
+#define FS_FED_MAX_NODES  16384
+#define FS_FED_MAX_MSGS   16384
+#define FS_FED_MAX_TREE   64 /* object ids remembered per instruction */
 #define FS_FED_PENDING_MS 30000
-#define FS_FED_ID_LEN 64   /* SHA-256 hex */
-#define FS_FED_STR_MAX 1024 /* message_type, group_id: longer ones are cut */
+#define FS_FED_ID_LEN     64   /* SHA-256 hex */
+#define FS_FED_STR_MAX    1024 /* message_type, group_id: longer ones are cut */
 
 typedef struct fs_fed_dispatch {
   uint64_t node_id, run_id;
@@ -81,7 +81,7 @@ int64_t fs_fed_current_round(uint64_t *run_id);
 #define FS_FED_RUNS 8
 typedef struct fs_fed_run {
   uint64_t run_id;
-  int64_t round;        /* latest server round, -1 none seen */
+  int64_t round;         /* latest server round, -1 none seen */
   uint64_t instructions; /* message.dispatch */
   uint64_t replies, error_replies;
   uint64_t last_ms;

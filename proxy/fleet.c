@@ -4,11 +4,22 @@
 #include <string.h>
 
 static const char *const names[FS_FLEET_METHODS] = {
-  "other", "RegisterNode", "ActivateNode", "DeactivateNode", "UnregisterNode", "SendNodeHeartbeat",
-  "PullMessages", "PushMessages", "GetRun", "GetFab", "PushObject", "PullObject", "ConfirmMessageReceived",
+    "other",
+    "RegisterNode",
+    "ActivateNode",
+    "DeactivateNode",
+    "UnregisterNode",
+    "SendNodeHeartbeat",
+    "PullMessages",
+    "PushMessages",
+    "GetRun",
+    "GetFab",
+    "PushObject",
+    "PullObject",
+    "ConfirmMessageReceived",
 };
 
-#define PREFIX "/flwr.proto.Fleet/"
+#define PREFIX     "/flwr.proto.Fleet/"
 #define PREFIX_LEN (sizeof(PREFIX) - 1)
 
 fs_fleet_method fs_fleet_method_of(const uint8_t *path, size_t len) {
@@ -77,8 +88,7 @@ int fs_fleet_object_header(const uint8_t *data, size_t len, char *type, size_t t
   size_t tl;
   uint64_t v = 0;
   if (!nul || !(sp = memchr(data, ' ', (size_t)(nul - data))) || sp == data) return -1;
-  for (last = nul; last > sp && last[-1] != ' '; last--) {
-  }
+  for (last = nul; last > sp && last[-1] != ' '; last--) {}
   if (last == nul || last == sp + 0) return -1;
   for (const uint8_t *q = last; q < nul; q++) {
     if (*q < '0' || *q > '9' || v > (UINT64_MAX - 9) / 10) return -1;

@@ -42,11 +42,11 @@ int fs_fleet_repeatable(fs_fleet_method m);
 /* One protobuf field. */
 typedef struct fs_pb_field {
   uint32_t num;
-  uint8_t wire;         /* 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32 */
-  uint64_t value;       /* varint, fixed32 or fixed64 value */
-  const uint8_t *data;  /* length-delimited: the bytes available */
-  size_t len;           /* bytes available at data */
-  uint64_t declared;    /* length-delimited: the length the field declares */
+  uint8_t wire;        /* 0 varint, 1 fixed64, 2 length-delimited, 5 fixed32 */
+  uint64_t value;      /* varint, fixed32 or fixed64 value */
+  const uint8_t *data; /* length-delimited: the bytes available */
+  size_t len;          /* bytes available at data */
+  uint64_t declared;   /* length-delimited: the length the field declares */
 } fs_pb_field;
 
 /* Reads the field at |*p| (before |end|) and advances |*p|.  A

@@ -54,13 +54,26 @@ int fs_grpc_timeout_ms(const uint8_t *v, size_t len, uint64_t *ms) {
     n = n * 10 + (uint64_t)(v[i] - '0');
   }
   switch (v[len - 1]) {
-  case 'H': per_unit_ns = 3600000000000ull; break;
-  case 'M': per_unit_ns = 60000000000ull; break;
-  case 'S': per_unit_ns = 1000000000ull; break;
-  case 'm': per_unit_ns = 1000000ull; break;
-  case 'u': per_unit_ns = 1000ull; break;
-  case 'n': per_unit_ns = 1ull; break;
-  default: return -1;
+  case 'H':
+    per_unit_ns = 3600000000000ull;
+    break;
+  case 'M':
+    per_unit_ns = 60000000000ull;
+    break;
+  case 'S':
+    per_unit_ns = 1000000000ull;
+    break;
+  case 'm':
+    per_unit_ns = 1000000ull;
+    break;
+  case 'u':
+    per_unit_ns = 1000ull;
+    break;
+  case 'n':
+    per_unit_ns = 1ull;
+    break;
+  default:
+    return -1;
   }
   /* 8 digits of hours fit: 99999999 * 3.6e12 ns overflows, so work in ms. */
   if (per_unit_ns >= 1000000ull) *ms = n * (per_unit_ns / 1000000ull);

@@ -126,7 +126,9 @@ static ssize_t send_cb(nghttp2_session *s, const uint8_t *data, size_t len, int 
   return (ssize_t)len;
 }
 
-void fs_h2conn_set_callbacks(nghttp2_session_callbacks *cbs) { nghttp2_session_callbacks_set_send_callback(cbs, send_cb); }
+void fs_h2conn_set_callbacks(nghttp2_session_callbacks *cbs) {
+  nghttp2_session_callbacks_set_send_callback(cbs, send_cb);
+}
 
 static size_t outq_bufs(fs_h2conn *c, uv_buf_t *bufs, size_t max, size_t *total) {
   size_t n = 0;
@@ -158,7 +160,8 @@ static void pacing_start(fs_h2conn *c) {
   struct sockaddr_storage peer;
   int plen = sizeof(peer), lowat = FS_PACING_NOTSENT;
   uv_os_fd_t fd;
-  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0 || uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&peer, &plen) != 0 ||
+  if (uv_fileno((uv_handle_t *)&c->tcp, &fd) != 0 ||
+      uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&peer, &plen) != 0 ||
       !fs_pacing_wanted((const struct sockaddr *)&peer)) {
     c->pacing_off = 1;
     return;
@@ -242,8 +245,8 @@ static void flush(fs_h2conn *c) {
   }
   /* Both sides are done (GOAWAY exchanged, streams finished): close once
    * every byte has left. */
-  if (c->session && c->tls_ready && !nghttp2_session_want_read(c->session) &&
-      !nghttp2_session_want_write(c->session) && c->outq.len == 0)
+  if (c->session && c->tls_ready && !nghttp2_session_want_read(c->session) && !nghttp2_session_want_write(c->session) &&
+      c->outq.len == 0)
     fs_h2conn_close(c, c->close_reason[0] ? c->close_reason : "session finished");
 }
 
@@ -325,8 +328,10 @@ static void tls_input(fs_h2conn *c) {
         char why[200];
         long vr = SSL_get_verify_result(c->ssl);
         if (fs_tls_alpn_refused(c->ssl)) snprintf(why, sizeof(why), "client did not offer ALPN h2");
-        else if (vr != X509_V_OK) snprintf(why, sizeof(why), "certificate verify failed: %s", X509_verify_cert_error_string(vr));
-        else if (e == SSL_ERROR_SYSCALL || (e == SSL_ERROR_SSL && ERR_peek_last_error() == 0)) snprintf(why, sizeof(why), "peer closed");
+        else if (vr != X509_V_OK)
+          snprintf(why, sizeof(why), "certificate verify failed: %s", X509_verify_cert_error_string(vr));
+        else if (e == SSL_ERROR_SYSCALL || (e == SSL_ERROR_SSL && ERR_peek_last_error() == 0))
+          snprintf(why, sizeof(why), "peer closed");
         else snprintf(why, sizeof(why), "%s", fs_tls_error_string("TLS error"));
         ERR_clear_error();
         tls_fail(c, why);
@@ -446,8 +451,7 @@ int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, con
         X509_VERIFY_PARAM *vp = SSL_get0_param(c->ssl);
         if (inet_pton(AF_INET, verify_name, ipbuf) == 1 || inet_pton(AF_INET6, verify_name, ipbuf) == 1)
           X509_VERIFY_PARAM_set1_ip_asc(vp, verify_name);
-        else
-          X509_VERIFY_PARAM_set1_host(vp, verify_name, 0);
+        else X509_VERIFY_PARAM_set1_host(vp, verify_name, 0);
       }
     }
   }
@@ -484,7 +488,8 @@ static void on_handle_closed(uv_handle_t *h) {
 
 void fs_h2conn_close(fs_h2conn *c, const char *reason) {
   if (c->closing) return;
-  if (!c->close_reason[0] || reason != c->close_reason) snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+  if (!c->close_reason[0] || reason != c->close_reason)
+    snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
   /* Best effort: a TLS alert or GOAWAY already queued still goes out. */
   if (c->ssl && g_stage_owner == c) stage_flush(c);
   c->closing = 1;

@@ -53,23 +53,23 @@ typedef struct fs_h2conn_ops {
 
 struct fs_h2conn {
   uv_tcp_t tcp;
-  uv_timer_t timer;             /* the owner's: handshake, idle, connect, keepalive */
-  nghttp2_session *session;     /* created by ops->on_ready */
-  SSL *ssl;                     /* NULL for h2c */
+  uv_timer_t timer;         /* the owner's: handshake, idle, connect, keepalive */
+  nghttp2_session *session; /* created by ops->on_ready */
+  SSL *ssl;                 /* NULL for h2c */
   const fs_h2conn_ops *ops;
-  fs_bufq outq;                 /* bytes (ciphertext with TLS) for the socket */
-  size_t inflight;              /* bytes of outq handed to uv_write */
-  size_t outq_cap;              /* bytes queued above which nghttp2 waits (pacing.h) */
-  uint64_t paced_ms;            /* loop time TCP_INFO was last looked at */
+  fs_bufq outq;      /* bytes (ciphertext with TLS) for the socket */
+  size_t inflight;   /* bytes of outq handed to uv_write */
+  size_t outq_cap;   /* bytes queued above which nghttp2 waits (pacing.h) */
+  uint64_t paced_ms; /* loop time TCP_INFO was last looked at */
   uv_write_t wreq;
-  const uint8_t *rx;            /* ciphertext the BIO hands to OpenSSL */
+  const uint8_t *rx; /* ciphertext the BIO hands to OpenSSL */
   size_t rx_len;
   fs_h2conn *dprev, *dnext;     /* dirty list */
   uint64_t bytes_in, bytes_out; /* socket bytes */
   uint64_t last_rx_ms;          /* loop time of the last byte read */
   uint64_t opened_ms;
   uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
-  uint8_t pacing_off;           /* loopback peer: never paced (pacing.h) */
+  uint8_t pacing_off; /* loopback peer: never paced (pacing.h) */
   char peer[300];
   char close_reason[160];
 };

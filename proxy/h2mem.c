@@ -136,7 +136,7 @@ static void *mem_realloc(void *p, size_t size, void *ud) {
   void *q;
   (void)ud;
   if (!p) return big_alloc(size, 0); /* nghttp2_buf_reserve() allocates this way */
-  if (!k) return realloc(p, size); /* a malloc block stays one */
+  if (!k) return realloc(p, size);   /* a malloc block stays one */
   if (size <= k->slot_size) return p;
   if (!(q = big_alloc(size, 0))) return NULL;
   memcpy(q, p, k->slot_size);

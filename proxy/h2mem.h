@@ -29,16 +29,16 @@
 /* Blocks from this size up come from page slots. */
 #define FS_H2MEM_MIN 4096
 /* Pages per big slot: room for nghttp2's 16 KiB + 10 byte frame buffer. */
-#define FS_H2MEM_BIG_PAGES 5
+#define FS_H2MEM_BIG_PAGES   5
 #define FS_H2MEM_SMALL_SLOTS (1u << 20)
-#define FS_H2MEM_BIG_SLOTS (1u << 18)
+#define FS_H2MEM_BIG_SLOTS   (1u << 18)
 
 /* The allocator to pass to nghttp2_session_{server,client}_new3().  Never
  * NULL; the first call reserves the address range. */
 nghttp2_mem *fs_h2mem(void);
 
 typedef struct fs_h2mem_stats {
-  size_t slots_in_use;   /* blocks currently served from page slots */
+  size_t slots_in_use;    /* blocks currently served from page slots */
   size_t fallback_allocs; /* big blocks that went to malloc instead */
 } fs_h2mem_stats;
 

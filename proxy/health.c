@@ -18,9 +18,13 @@ int fs_health_known_service(const char *name, size_t len) {
 
 const char *fs_health_status_name(fs_health_status s) {
   switch (s) {
-  case FS_HEALTH_SERVING: return "SERVING";
-  case FS_HEALTH_NOT_SERVING: return "NOT_SERVING";
-  case FS_HEALTH_SERVICE_UNKNOWN: return "SERVICE_UNKNOWN";
-  default: return "UNKNOWN";
+  case FS_HEALTH_SERVING:
+    return "SERVING";
+  case FS_HEALTH_NOT_SERVING:
+    return "NOT_SERVING";
+  case FS_HEALTH_SERVICE_UNKNOWN:
+    return "SERVICE_UNKNOWN";
+  default:
+    return "UNKNOWN";
   }
 }

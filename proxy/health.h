@@ -16,9 +16,9 @@ typedef enum {
 } fs_health_status;
 
 typedef struct fs_health_inputs {
-  int listening;   /* the Fleet listener accepts connections */
-  int upstream_up; /* an upstream HTTP/2 connection got its SETTINGS */
-  int draining;    /* SIGTERM/SIGINT received */
+  int listening;        /* the Fleet listener accepts connections */
+  int upstream_up;      /* an upstream HTTP/2 connection got its SETTINGS */
+  int draining;         /* SIGTERM/SIGINT received */
   int upstream_healthy; /* --upstream-health answered SERVING (1 when not configured) */
 } fs_health_inputs;
 

@@ -27,8 +27,7 @@ int fs_keepalive_probe(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, uint6
   return 1;
 }
 
-fs_ka_action fs_keepalive_check(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, int calls_open,
-                                uint64_t *next_ms) {
+fs_ka_action fs_keepalive_check(fs_keepalive *k, uint64_t now, uint64_t last_rx_ms, int calls_open, uint64_t *next_ms) {
   note_rx(k, last_rx_ms);
   if (k->ping_ms) {
     if (now - k->ping_ms >= k->timeout_ms) return FS_KA_DEAD;

@@ -236,9 +236,7 @@ void fs_ev_num(fs_event *ev, const char *key, double value, int decimals) {
   put_raw_value(ev, key, tmp, 0);
 }
 
-void fs_ev_bool(fs_event *ev, const char *key, int value) {
-  put_raw_value(ev, key, value ? "true" : "false", 0);
-}
+void fs_ev_bool(fs_event *ev, const char *key, int value) { put_raw_value(ev, key, value ? "true" : "false", 0); }
 
 int fs_ev_end(fs_event *ev) {
   ssize_t w;

@@ -13,9 +13,10 @@ static const double buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0
 #define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
 
 static const char *const status_names[NSTATUS] = {
-  "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND", "ALREADY_EXISTS",
-  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION", "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED",
-  "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "UNAUTHENTICATED",
+    "OK",        "CANCELLED",       "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
+    "NOT_FOUND", "ALREADY_EXISTS",  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
+    "ABORTED",   "OUT_OF_RANGE",    "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
+    "DATA_LOSS", "UNAUTHENTICATED",
 };
 
 static struct {
@@ -107,7 +108,8 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   head(&o, "calls_failed_upstream_down_total", "counter",
        "Calls ended UNAVAILABLE because the upstream was unreachable or its connection was lost.");
   put(&o, "flower_sidecar_calls_failed_upstream_down_total %" PRIu64 "\n", s->calls_failed_down);
-  head(&o, "call_retries_total", "counter", "Calls the sidecar repeated (refused by the upstream, or side-effect free).");
+  head(&o, "call_retries_total", "counter",
+       "Calls the sidecar repeated (refused by the upstream, or side-effect free).");
   put(&o, "flower_sidecar_call_retries_total %" PRIu64 "\n", s->retries);
   head(&o, "keepalive_pings_total", "counter", "Keepalive PINGs sent to the upstream.");
   put(&o, "flower_sidecar_keepalive_pings_total %" PRIu64 "\n", s->pings);
@@ -123,12 +125,12 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   head(&o, "run_messages_total", "counter",
        "Messages of each recent run (the 8 most recently active): instructions sent to nodes, replies, error replies.");
   for (b = 0; b < s->n_runs; b++) {
-    put(&o, "flower_sidecar_run_messages_total{run_id=\"%" PRIu64 "\",kind=\"instruction\"} %" PRIu64 "\n", s->runs[b].run_id,
-        s->runs[b].instructions);
+    put(&o, "flower_sidecar_run_messages_total{run_id=\"%" PRIu64 "\",kind=\"instruction\"} %" PRIu64 "\n",
+        s->runs[b].run_id, s->runs[b].instructions);
     put(&o, "flower_sidecar_run_messages_total{run_id=\"%" PRIu64 "\",kind=\"reply\"} %" PRIu64 "\n", s->runs[b].run_id,
         s->runs[b].replies);
-    put(&o, "flower_sidecar_run_messages_total{run_id=\"%" PRIu64 "\",kind=\"error_reply\"} %" PRIu64 "\n", s->runs[b].run_id,
-        s->runs[b].error_replies);
+    put(&o, "flower_sidecar_run_messages_total{run_id=\"%" PRIu64 "\",kind=\"error_reply\"} %" PRIu64 "\n",
+        s->runs[b].run_id, s->runs[b].error_replies);
   }
   head(&o, "health_serving", "gauge", "1 when grpc.health.v1 answers SERVING.");
   put(&o, "flower_sidecar_health_serving %d\n", s->serving ? 1 : 0);

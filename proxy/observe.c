@@ -21,7 +21,7 @@ typedef struct obs_dir {
   uint32_t declared; /* the first message's length */
   uint8_t flags;     /* its compressed flag */
   uint8_t begun, done;
-  uint64_t bytes;    /* DATA bytes seen this way */
+  uint64_t bytes; /* DATA bytes seen this way */
   uint8_t inline_buf[OBS_INLINE];
 } obs_dir;
 
@@ -228,16 +228,16 @@ uint64_t fs_obs_node_id(const fs_obs *o) {
   int plain; /* uint64 node_id = 1, not Node node = 1 */
   if (!o) return 0;
   switch (o->method) {
-    case FS_FLEET_REGISTER_NODE:
-    case FS_FLEET_ACTIVATE_NODE: /* the request has no id; the answer gives it */
-      d = &o->d[1], plain = 1;
-      break;
-    case FS_FLEET_DEACTIVATE_NODE:
-    case FS_FLEET_UNREGISTER_NODE:
-      d = &o->d[0], plain = 1;
-      break;
-    default:
-      d = &o->d[0], plain = 0;
+  case FS_FLEET_REGISTER_NODE:
+  case FS_FLEET_ACTIVATE_NODE: /* the request has no id; the answer gives it */
+    d = &o->d[1], plain = 1;
+    break;
+  case FS_FLEET_DEACTIVATE_NODE:
+  case FS_FLEET_UNREGISTER_NODE:
+    d = &o->d[0], plain = 1;
+    break;
+  default:
+    d = &o->d[0], plain = 0;
   }
   if (!(p = d->buf) || (d->flags & 1)) return 0;
   end = p + d->len;
@@ -256,9 +256,7 @@ uint64_t fs_obs_node_id(const fs_obs *o) {
 
 /* The node id of a request whose field 1 is `Node node` (most Fleet
  * requests), read without unpacking; 0 when absent. */
-static uint64_t request_node_id(const fs_obs *o) {
-  return o->d[0].done ? fs_obs_node_id(o) : 0;
-}
+static uint64_t request_node_id(const fs_obs *o) { return o->d[0].done ? fs_obs_node_id(o) : 0; }
 
 static void emit_pull_messages(const fs_obs *o) {
   Flwr__Proto__PullMessagesResponse *rs = NULL;
@@ -266,8 +264,7 @@ static void emit_pull_messages(const fs_obs *o) {
   size_t i;
   fs_fed_node_seen(now(), node_id);
   /* Polling mostly finds nothing: unpack only an answer that has messages. */
-  if (o->d[1].done && o->d[1].len == o->d[1].declared && !(o->d[1].flags & 1) && !has_field(&o->d[1], 2))
-    return;
+  if (o->d[1].done && o->d[1].len == o->d[1].declared && !(o->d[1].flags & 1) && !has_field(&o->d[1], 2)) return;
   rs = (void *)unpack(o, 1, &flwr__proto__pull_messages_response__descriptor);
   if (rs) {
     for (i = 0; i < rs->n_messages_list; i++) {
@@ -388,8 +385,12 @@ static void emit(const fs_obs *o) {
       node_event(o, "node.heartbeat", node_of(h->node), h->heartbeat_interval, FS_LOG_DEBUG);
     }
     break;
-  case FS_FLEET_PULL_MESSAGES: emit_pull_messages(o); break;
-  case FS_FLEET_PUSH_MESSAGES: emit_push_messages(o); break;
+  case FS_FLEET_PULL_MESSAGES:
+    emit_pull_messages(o);
+    break;
+  case FS_FLEET_PUSH_MESSAGES:
+    emit_push_messages(o);
+    break;
   case FS_FLEET_CONFIRM_MESSAGE_RECEIVED:
     if ((rq = unpack(o, 0, &flwr__proto__confirm_message_received_request__descriptor))) {
       Flwr__Proto__ConfirmMessageReceivedRequest *c = (void *)rq;
@@ -422,9 +423,14 @@ static void emit(const fs_obs *o) {
       fs_ev_end(&ev);
     }
     break;
-  case FS_FLEET_PUSH_OBJECT: emit_object(o, 1); break;
-  case FS_FLEET_PULL_OBJECT: emit_object(o, 0); break;
-  default: break;
+  case FS_FLEET_PUSH_OBJECT:
+    emit_object(o, 1);
+    break;
+  case FS_FLEET_PULL_OBJECT:
+    emit_object(o, 0);
+    break;
+  default:
+    break;
   }
   if (rq) protobuf_c_message_free_unpacked(rq, NULL);
   if (rs) protobuf_c_message_free_unpacked(rs, NULL);

@@ -35,9 +35,7 @@
 
 enum { DOWN = 0, UP = 1 };
 
-enum {
-  GRPC_CANCELLED = 1, GRPC_INTERNAL = 13, GRPC_RESOURCE_EXHAUSTED = 8, GRPC_UNAVAILABLE = 14
-};
+enum { GRPC_CANCELLED = 1, GRPC_INTERNAL = 13, GRPC_RESOURCE_EXHAUSTED = 8, GRPC_UNAVAILABLE = 14 };
 
 /* Fields per header block, at most: bounds the nghttp2_nv arrays on the stack. */
 #define FS_MAX_FIELDS 256
@@ -83,7 +81,7 @@ struct call {
   uint8_t method;      /* fs_fleet_method */
   uint8_t ended;       /* call_end() ran */
   uint64_t t_start;
-  call *qprev, *qnext; /* waiting for an upstream connection */
+  call *qprev, *qnext;  /* waiting for an upstream connection */
   uint64_t hold_until;  /* queued: wait for an upstream until then; 0 = fail when none can be had */
   uint64_t deadline;    /* the client's own (grpc-timeout), 0: none */
   uint64_t t_sent;      /* when the current attempt went upstream */
@@ -103,8 +101,8 @@ struct pconn {
   fs_h2conn h2; /* first: a pconn* is an fs_h2conn* */
   uint8_t upstream, ready, goaway, opened;
   uint32_t nstreams;
-  fs_keepalive ka;  /* node role: upstream liveness */
-  uint64_t ping_t0; /* when our outstanding PING was sent, for its round trip */
+  fs_keepalive ka;      /* node role: upstream liveness */
+  uint64_t ping_t0;     /* when our outstanding PING was sent, for its round trip */
   uint64_t ping_ack_ms; /* when the last PING ACK arrived (loop clock); 0: never */
   uint64_t rpcs;
   call *calls;
@@ -129,7 +127,7 @@ static struct {
   uv_getaddrinfo_t gai;
   fs_backoff backoff;
   uv_timer_t reconnect_timer, drain_timer, hold_timer;
-  uint64_t ka_time_ms; /* doubled after GOAWAY too_many_pings */
+  uint64_t ka_time_ms;             /* doubled after GOAWAY too_many_pings */
   size_t replay_total, replay_max; /* bytes kept for retries, all calls */
   char up_error[400];
   nghttp2_session_callbacks *cbs;
@@ -505,10 +503,10 @@ static void fail_call(call *c, int status, const char *fmt, ...) {
     /* Trailers-Only: nothing was sent to the client yet. */
     char st[8], enc[720];
     nghttp2_nv nv[4] = {
-      {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
-      {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
-      {(uint8_t *)"grpc-status", (uint8_t *)st, 11, 0, NGHTTP2_NV_FLAG_NONE},
-      {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"grpc-status", (uint8_t *)st, 11, 0, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
     };
     nv[2].valuelen = (size_t)snprintf(st, sizeof(st), "%d", status);
     nv[3].valuelen = fs_grpc_message_encode(enc, sizeof(enc), c->synth_msg);
@@ -537,8 +535,8 @@ static void submit_trailers(call *c, int sink) {
   if (sink == DOWN && c->synth) {
     char st[8], enc[720];
     nghttp2_nv nv[2] = {
-      {(uint8_t *)"grpc-status", (uint8_t *)st, 11, 0, NGHTTP2_NV_FLAG_NONE},
-      {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"grpc-status", (uint8_t *)st, 11, 0, NGHTTP2_NV_FLAG_NONE},
+        {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
     };
     nv[0].valuelen = (size_t)snprintf(st, sizeof(st), "%d", c->synth_status);
     nv[1].valuelen = fs_grpc_message_encode(enc, sizeof(enc), c->synth_msg);
@@ -796,8 +794,7 @@ static void fail_queue(const char *why, int all) {
     if (c->hold_until)
       fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s unreachable (%s); waited %.1f s, %s", P.up_name, why,
                 (double)(now - c->t_start) / 1000.0, when);
-    else
-      fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s unreachable (%s); %s", P.up_name, why, when);
+    else fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s unreachable (%s); %s", P.up_name, why, when);
   }
   if (next) hold_timer_arm(next);
 }
@@ -961,7 +958,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
       if (!P.upstream_up) {
         P.upstream_up = 1;
         if (fs_ev_begin(&ev, FS_LOG_INFO, "upstream.up")) {
-                    fs_ev_str(&ev, "upstream", P.up_name);
+          fs_ev_str(&ev, "upstream", P.up_name);
           fs_ev_u64(&ev, "connect_ms", fs_now_ms() - pc->h2.opened_ms);
           fs_ev_end(&ev);
         }
@@ -1002,8 +999,7 @@ static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *u
       /* The debug data says why ("too_many_pings", "max_age"): keep it
        * when it is printable. */
       size_t i, n = frame->goaway.opaque_data_len < 64 ? frame->goaway.opaque_data_len : 64;
-      for (i = 0; i < n && frame->goaway.opaque_data[i] >= 0x20 && frame->goaway.opaque_data[i] < 0x7f; i++) {
-      }
+      for (i = 0; i < n && frame->goaway.opaque_data[i] >= 0x20 && frame->goaway.opaque_data[i] < 0x7f; i++) {}
       if (n && i == n)
         snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "peer sent GOAWAY %s (%.*s)",
                  nghttp2_http2_strerror(frame->goaway.error_code), (int)n, (const char *)frame->goaway.opaque_data);
@@ -1169,9 +1165,9 @@ static void goaway(pconn *pc, const char *reason) {
 static int down_ready(fs_h2conn *h) {
   pconn *d = conn_of(h);
   nghttp2_settings_entry iv[] = {
-    {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, P.cfg->max_concurrent_streams},
-    {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, P.cfg->stream_window},
-    {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, P.cfg->max_header_list_size},
+      {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, P.cfg->max_concurrent_streams},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, P.cfg->stream_window},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, P.cfg->max_header_list_size},
   };
   fs_event ev;
   fs_h2conn_set_timer(h, 0);
@@ -1300,9 +1296,9 @@ static void up_log_down(const char *reason) {
 static int up_ready(fs_h2conn *h) {
   pconn *u = conn_of(h);
   nghttp2_settings_entry iv[] = {
-    {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-    {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, P.cfg->stream_window},
-    {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, P.cfg->max_header_list_size},
+      {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, P.cfg->stream_window},
+      {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, P.cfg->max_header_list_size},
   };
   if (nghttp2_session_client_new3(&h->session, P.cbs, u, P.up_opt, fs_h2mem()) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 3) != 0 ||
@@ -1334,14 +1330,12 @@ static void up_closing(fs_h2conn *h, const char *reason) {
     detach(c, UP);
     if (!c->fl[UP].eof) {
       P.stats.calls_failed_down++;
-      fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s connection lost (%s)", P.up_name,
-                reason);
+      fail_call(c, GRPC_UNAVAILABLE, "flower-sidecar: upstream %s connection lost (%s)", P.up_name, reason);
     }
     maybe_free(c);
   }
   if (!was_ready) P.stats.upstream_failures++;
 }
-
 
 static void up_freed(fs_h2conn *h) {
   pconn *u = conn_of(h);
@@ -1398,8 +1392,8 @@ static uint64_t check_stalled_calls(pconn *u, uint64_t next) {
     if (u->ping_ack_ms >= c->probe_ms) continue; /* the connection answered: a slow call */
     P.stats.calls_failed_down++;
     fail_call(c, GRPC_UNAVAILABLE,
-              "flower-sidecar: upstream %s did not answer a PING within %.1f s, the call's deadline is near",
-              P.up_name, (double)(now - c->probe_ms) / 1000.0);
+              "flower-sidecar: upstream %s did not answer a PING within %.1f s, the call's deadline is near", P.up_name,
+              (double)(now - c->probe_ms) / 1000.0);
   }
   return next;
 }
@@ -1510,7 +1504,7 @@ static void schedule_reconnect(void) {
   if (P.draining || P.nups > 0 || P.resolving || uv_is_active((uv_handle_t *)&P.reconnect_timer)) return;
   delay = fs_backoff_next(&P.backoff);
   if (delay > 0 && fs_ev_begin(&ev, FS_LOG_INFO, "upstream.backoff")) {
-        fs_ev_str(&ev, "upstream", P.up_name);
+    fs_ev_str(&ev, "upstream", P.up_name);
     fs_ev_u64(&ev, "attempt", P.backoff.attempt);
     fs_ev_u64(&ev, "delay_ms", delay);
     fs_ev_str(&ev, "reason", P.up_error);
@@ -1527,7 +1521,8 @@ static int listen_on(const char *addr, char *err, size_t errlen) {
   struct sockaddr_storage ss;
   fs_hostport_split(addr, host, sizeof(host), &port);
   if (!host[0]) strcpy(host, "0.0.0.0");
-  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 && uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0) {
+  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
+      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0) {
     snprintf(err, errlen, "invalid --listen: '%s' (not a numeric IP address)", addr);
     return -1;
   }
@@ -1541,8 +1536,8 @@ static int listen_on(const char *addr, char *err, size_t errlen) {
   return 0;
 }
 
-int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL_CTX *up_ctx,
-                   void (*on_stopped)(void), char *err, size_t errlen) {
+int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL_CTX *up_ctx, void (*on_stopped)(void),
+                   char *err, size_t errlen) {
   memset(&P, 0, sizeof(P));
   P.loop = loop;
   P.cfg = cfg;

@@ -34,8 +34,8 @@ typedef struct fs_proxy_stats {
  * h2c; the proxy takes ownership of both.  |on_stopped| runs once the
  * proxy has fully stopped after fs_proxy_drain().  Returns 0, or -1 with a
  * one-line reason in |err|. */
-int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL_CTX *up_ctx,
-                   void (*on_stopped)(void), char *err, size_t errlen);
+int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL_CTX *up_ctx, void (*on_stopped)(void),
+                   char *err, size_t errlen);
 
 /* Graceful shutdown: stop accepting, GOAWAY every connection, let calls
  * finish up to cfg->drain_timeout_s, then close everything. Idempotent. */

@@ -208,15 +208,15 @@ static int collect_sans(const fs_config *cfg, char *san, size_t sanlen, char nam
   int n = 0, k;
   size_t used = 0;
   san[0] = '\0';
-#define ADD_NAME(s)                                                                        \
-  do {                                                                                     \
-    int dup_ = 0, j_;                                                                      \
-    for (j_ = 0; j_ < n; j_++) dup_ |= !strcmp(names[j_], (s));                            \
-    if (!dup_ && n < maxnames && strlen(s) < 256) {                                        \
-      strcpy(names[n++], (s));                                                             \
-      used += (size_t)snprintf(san + used, used < sanlen ? sanlen - used : 0, "%s%s:%s",   \
-                               used ? "," : "", is_ip(s) ? "IP" : "DNS", (s));             \
-    }                                                                                      \
+#define ADD_NAME(s)                                                                                                    \
+  do {                                                                                                                 \
+    int dup_ = 0, j_;                                                                                                  \
+    for (j_ = 0; j_ < n; j_++) dup_ |= !strcmp(names[j_], (s));                                                        \
+    if (!dup_ && n < maxnames && strlen(s) < 256) {                                                                    \
+      strcpy(names[n++], (s));                                                                                         \
+      used += (size_t)snprintf(san + used, used < sanlen ? sanlen - used : 0, "%s%s:%s", used ? "," : "",              \
+                               is_ip(s) ? "IP" : "DNS", (s));                                                          \
+    }                                                                                                                  \
   } while (0)
   if (gethostname(host, sizeof(host)) == 0 && host[0]) {
     host[sizeof(host) - 1] = '\0';
@@ -300,7 +300,8 @@ static int ensure_autogen(const fs_config *cfg, char *cert_path, char *key_path,
     ca = NULL;
     if (!(ca_key = EVP_EC_gen("P-256")) || !(ca = make_cert(ca_key, ca_key, NULL, "flower-sidecar CA", NULL, 3650)) ||
         write_pem(ca_key_path, NULL, ca_key) || write_pem(ca_path, ca, NULL)) {
-      snprintf(err, errlen, "cannot create a CA in %s: %s", d, errno ? strerror(errno) : fs_tls_error_string("openssl error"));
+      snprintf(err, errlen, "cannot create a CA in %s: %s", d,
+               errno ? strerror(errno) : fs_tls_error_string("openssl error"));
       goto out;
     }
     unlink(cert_path); /* a new CA invalidates the old server certificate */
@@ -395,7 +396,8 @@ static int use_ca(SSL_CTX *ctx, const char *ca_pem) {
 }
 
 /* Loads a flag's PEM value into |*pem|, with the error naming the flag. */
-static int load_setting(const char *value, const char *from, char **pem, const char **source, char *err, size_t errlen) {
+static int load_setting(const char *value, const char *from, char **pem, const char **source, char *err,
+                        size_t errlen) {
   char why[256];
   size_t len;
   if (fs_tls_read_pem(value, pem, &len, source, why, sizeof(why)) < 0) {

@@ -11,7 +11,7 @@
 #include "h2conn.h"
 #include "log.h"
 
-#define CHECK_EVERY_MS 500
+#define CHECK_EVERY_MS   500
 #define CHECK_TIMEOUT_MS 1000
 
 typedef struct uconn {
@@ -29,11 +29,11 @@ static struct {
   nghttp2_session_callbacks *cbs;
   void (*on_change)(void);
   int configured, stopping;
-  int32_t sid;          /* the Check in flight, 0: none */
+  int32_t sid; /* the Check in flight, 0: none */
   uint64_t sent_ms;
-  uint8_t body[64];     /* the answer's gRPC message (HealthCheckResponse is 2 bytes) */
+  uint8_t body[64]; /* the answer's gRPC message (HealthCheckResponse is 2 bytes) */
   size_t body_len;
-  int grpc_status;      /* -1 until seen */
+  int grpc_status; /* -1 until seen */
   int ok;
   char reason[200];
 } U;
@@ -95,10 +95,14 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
   if (sid != U.sid) return 0;
   U.sid = 0;
   if (code) set_result(0, "SuperLink health %s: stream reset (%s)", U.name, nghttp2_http2_strerror(code));
-  else if (U.grpc_status != 0) set_result(0, "SuperLink health %s: Check failed with grpc-status %d", U.name, U.grpc_status);
+  else if (U.grpc_status != 0)
+    set_result(0, "SuperLink health %s: Check failed with grpc-status %d", U.name, U.grpc_status);
   else if ((st = serving_status()) != 1)
     set_result(0, "SuperLink health %s answered %s", U.name,
-               st == 2 ? "NOT_SERVING" : st == 3 ? "SERVICE_UNKNOWN" : st < 0 ? "a malformed message" : "UNKNOWN");
+               st == 2   ? "NOT_SERVING"
+               : st == 3 ? "SERVICE_UNKNOWN"
+               : st < 0  ? "a malformed message"
+                         : "UNKNOWN");
   else set_result(1, "%s", "");
   return 0;
 }
@@ -165,9 +169,13 @@ static ssize_t read_request(nghttp2_session *s, int32_t sid, uint8_t *buf, size_
 static void send_check(void) {
   nghttp2_nv nv[] = {
 #define NV(n, v) {(uint8_t *)n, (uint8_t *)v, sizeof(n) - 1, sizeof(v) - 1, NGHTTP2_NV_FLAG_NONE}
-    NV(":method", "POST"),        NV(":scheme", "http"), NV(":path", "/grpc.health.v1.Health/Check"),
-    NV(":authority", "localhost"), NV("content-type", "application/grpc"), NV("te", "trailers"),
-    NV("grpc-timeout", "1000m"),
+      NV(":method", "POST"),
+      NV(":scheme", "http"),
+      NV(":path", "/grpc.health.v1.Health/Check"),
+      NV(":authority", "localhost"),
+      NV("content-type", "application/grpc"),
+      NV("te", "trailers"),
+      NV("grpc-timeout", "1000m"),
 #undef NV
   };
   nghttp2_data_provider prd;

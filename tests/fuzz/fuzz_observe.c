@@ -54,19 +54,19 @@ static uint64_t clock_now = 1000000;
 static uint64_t fake_clock(void) { return clock_now; }
 
 static const char *const paths[FS_FLEET_METHODS] = {
-  "/test.Echo/Unary",
-  "/flwr.proto.Fleet/RegisterNode",
-  "/flwr.proto.Fleet/ActivateNode",
-  "/flwr.proto.Fleet/DeactivateNode",
-  "/flwr.proto.Fleet/UnregisterNode",
-  "/flwr.proto.Fleet/SendNodeHeartbeat",
-  "/flwr.proto.Fleet/PullMessages",
-  "/flwr.proto.Fleet/PushMessages",
-  "/flwr.proto.Fleet/GetRun",
-  "/flwr.proto.Fleet/GetFab",
-  "/flwr.proto.Fleet/PushObject",
-  "/flwr.proto.Fleet/PullObject",
-  "/flwr.proto.Fleet/ConfirmMessageReceived",
+    "/test.Echo/Unary",
+    "/flwr.proto.Fleet/RegisterNode",
+    "/flwr.proto.Fleet/ActivateNode",
+    "/flwr.proto.Fleet/DeactivateNode",
+    "/flwr.proto.Fleet/UnregisterNode",
+    "/flwr.proto.Fleet/SendNodeHeartbeat",
+    "/flwr.proto.Fleet/PullMessages",
+    "/flwr.proto.Fleet/PushMessages",
+    "/flwr.proto.Fleet/GetRun",
+    "/flwr.proto.Fleet/GetFab",
+    "/flwr.proto.Fleet/PushObject",
+    "/flwr.proto.Fleet/PullObject",
+    "/flwr.proto.Fleet/ConfirmMessageReceived",
 };
 
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
@@ -83,12 +83,12 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 
 /* --- checking event lines ------------------------------------------------------ */
 
-#define CHECK(cond)                                                                        \
-  do {                                                                                     \
-    if (!(cond)) {                                                                         \
-      fprintf(stderr, "fuzz_observe: event line check failed: %s (line %d)\n", #cond, __LINE__); \
-      abort();                                                                             \
-    }                                                                                      \
+#define CHECK(cond)                                                                                                    \
+  do {                                                                                                                 \
+    if (!(cond)) {                                                                                                     \
+      fprintf(stderr, "fuzz_observe: event line check failed: %s (line %d)\n", #cond, __LINE__);                       \
+      abort();                                                                                                         \
+    }                                                                                                                  \
   } while (0)
 
 /* Length of the valid UTF-8 sequence at s (strict: no overlongs, no
@@ -121,7 +121,8 @@ static void check_string(const unsigned char **p, const unsigned char *end) {
       if (s[1] == 'u') {
         int i;
         CHECK(s + 6 <= end);
-        for (i = 2; i < 6; i++) CHECK((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f') || (s[i] >= 'A' && s[i] <= 'F'));
+        for (i = 2; i < 6; i++)
+          CHECK((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f') || (s[i] >= 'A' && s[i] <= 'F'));
         s += 6;
       } else {
         CHECK(strchr("\"\\/bfnrt", s[1]) != NULL && s[1] != 0);

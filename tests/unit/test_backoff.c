@@ -71,9 +71,9 @@ static void same_seed_same_schedule(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test(first_attempt_is_immediate), cmocka_unit_test(delays_grow_with_jitter_and_cap),
-    cmocka_unit_test(jitter_is_not_constant), cmocka_unit_test(reset_starts_over),
-    cmocka_unit_test(same_seed_same_schedule),
+      cmocka_unit_test(first_attempt_is_immediate), cmocka_unit_test(delays_grow_with_jitter_and_cap),
+      cmocka_unit_test(jitter_is_not_constant),     cmocka_unit_test(reset_starts_over),
+      cmocka_unit_test(same_seed_same_schedule),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

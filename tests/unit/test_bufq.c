@@ -87,8 +87,10 @@ static void prepend_moves_blocks_in_front(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test(append_copy_drop_across_blocks), cmocka_unit_test(cap_refuses_without_partial_append),
-    cmocka_unit_test(empty_queue_holds_no_block), cmocka_unit_test(prepend_moves_blocks_in_front),
+      cmocka_unit_test(append_copy_drop_across_blocks),
+      cmocka_unit_test(cap_refuses_without_partial_append),
+      cmocka_unit_test(empty_queue_holds_no_block),
+      cmocka_unit_test(prepend_moves_blocks_in_front),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -45,13 +45,17 @@ static void node_requires_upstream(void **state) {
 /* Every bad value names the flag and echoes the value. */
 static void bad_values_name_flag_and_value(void **state) {
   static const char *cases[][3] = {
-    {"--listen", "nonsense", "--listen"},        {"--listen", "1.2.3.4:99999", "--listen"},
-    {"--max-message-size", "-1", "--max-message-size"}, {"--log-level", "LOUD", "--log-level"},
-    {"--drain-timeout", "soon", "--drain-timeout"}, {"--stream-window", "1", "--stream-window"},
-    {"--tls-san", "a b", "--tls-san"},
-    {"--hold-timeout", "301", "--hold-timeout"}, /* past the SuperLink's ~300 s window */
-    {"--hold-timeout", "-1", "--hold-timeout"},  {"--retry-buffer", "65M", "--retry-buffer"},
-    {"--keepalive-time", "0.5", "--keepalive-time"},
+      {"--listen", "nonsense", "--listen"},
+      {"--listen", "1.2.3.4:99999", "--listen"},
+      {"--max-message-size", "-1", "--max-message-size"},
+      {"--log-level", "LOUD", "--log-level"},
+      {"--drain-timeout", "soon", "--drain-timeout"},
+      {"--stream-window", "1", "--stream-window"},
+      {"--tls-san", "a b", "--tls-san"},
+      {"--hold-timeout", "301", "--hold-timeout"}, /* past the SuperLink's ~300 s window */
+      {"--hold-timeout", "-1", "--hold-timeout"},
+      {"--retry-buffer", "65M", "--retry-buffer"},
+      {"--keepalive-time", "0.5", "--keepalive-time"},
   };
   size_t i;
   (void)state;
@@ -118,10 +122,13 @@ static void hostport_forms(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test(link_defaults), cmocka_unit_test(node_requires_upstream),
-    cmocka_unit_test(bad_values_name_flag_and_value), cmocka_unit_test(unknown_flag_and_role),
-    cmocka_unit_test(variables_and_flag_precedence), cmocka_unit_test(cert_needs_key),
-    cmocka_unit_test(hostport_forms),
+      cmocka_unit_test(link_defaults),
+      cmocka_unit_test(node_requires_upstream),
+      cmocka_unit_test(bad_values_name_flag_and_value),
+      cmocka_unit_test(unknown_flag_and_role),
+      cmocka_unit_test(variables_and_flag_precedence),
+      cmocka_unit_test(cert_needs_key),
+      cmocka_unit_test(hostport_forms),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

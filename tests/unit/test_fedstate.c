@@ -16,14 +16,14 @@
 #include "fleet.pb-c.h"
 #include "log.h"
 
-#define RUN 12537570364687388763ull
+#define RUN   12537570364687388763ull
 #define RUN_S "12537570364687388763"
-#define NA 17540231456165644840ull
-#define NA_S "17540231456165644840"
-#define NB 12939998391983398455ull
-#define NB_S "12939998391983398455"
-#define NC 9300000000000000001ull
-#define NC_S "9300000000000000001"
+#define NA    17540231456165644840ull
+#define NA_S  "17540231456165644840"
+#define NB    12939998391983398455ull
+#define NB_S  "12939998391983398455"
+#define NC    9300000000000000001ull
+#define NC_S  "9300000000000000001"
 
 /* Message and object ids: 64 hex characters, like Flower's SHA-256 ids. */
 static char ids[64][FS_FED_ID_LEN + 1];
@@ -512,7 +512,8 @@ static void node_leaving_after_its_reply_does_not_end_the_round(void **state) {
   dispatch(400, NB, 2, 10, "evaluate");
   fs_fed_tick(2400);
   reply(2500, NB, 4, 2, "evaluate", 0, 0);
-  assert_string_equal(sequence(), "round.start message.dispatch message.reply message.dispatch message.reply round.end");
+  assert_string_equal(sequence(),
+                      "round.start message.dispatch message.reply message.dispatch message.reply round.end");
   assert_round_end(cap_find("round.end", 0), "3", "evaluate", "2", "2", "0", "0");
 }
 
@@ -578,8 +579,10 @@ static void runs_counted_and_bounded(void **state) {
 /* --- server-round ------------------------------------------------------------------------------ */
 
 static size_t pack_config(uint8_t *out, const char *key, int which, int64_t s, uint64_t u) {
-  Flwr__Proto__ConfigRecordValue v = FLWR__PROTO__CONFIG_RECORD_VALUE__INIT, ov = FLWR__PROTO__CONFIG_RECORD_VALUE__INIT;
-  Flwr__Proto__ConfigRecord__Item it = FLWR__PROTO__CONFIG_RECORD__ITEM__INIT, other = FLWR__PROTO__CONFIG_RECORD__ITEM__INIT;
+  Flwr__Proto__ConfigRecordValue v = FLWR__PROTO__CONFIG_RECORD_VALUE__INIT,
+                                 ov = FLWR__PROTO__CONFIG_RECORD_VALUE__INIT;
+  Flwr__Proto__ConfigRecord__Item it = FLWR__PROTO__CONFIG_RECORD__ITEM__INIT,
+                                  other = FLWR__PROTO__CONFIG_RECORD__ITEM__INIT;
   Flwr__Proto__ConfigRecord__Item *items[2] = {&other, &it};
   Flwr__Proto__ConfigRecord rec = FLWR__PROTO__CONFIG_RECORD__INIT;
   ov.value_case = FLWR__PROTO__CONFIG_RECORD_VALUE__VALUE_DOUBLE;
@@ -612,8 +615,8 @@ static void parse_server_round(void **state) {
   }
   /* sint64 3 is zigzag 6 on the wire: the hand-made bytes agree */
   {
-    static const uint8_t hand[] = {0x0a, 0x12, 0x0a, 0x0c, 's', 'e', 'r', 'v', 'e', 'r', '-', 'r', 'o', 'u', 'n', 'd',
-                                   0x12, 0x02, 0x10, 0x06};
+    static const uint8_t hand[] = {0x0a, 0x12, 0x0a, 0x0c, 's', 'e', 'r',  'v',  'e',  'r',
+                                   '-',  'r',  'o',  'u',  'n', 'd', 0x12, 0x02, 0x10, 0x06};
     r = 0;
     assert_int_equal(fs_fed_parse_server_round(hand, sizeof(hand), &r), 0);
     assert_int_equal(r, 3);
@@ -640,12 +643,13 @@ static void parse_server_round(void **state) {
   n = pack_config(b, "server-round", 2, 5, 0);
   for (i = 0; i < n; i++) {
     r = 77;
-    if (fs_fed_parse_server_round(b, i, &r) == 0) fail_msg("a cut record (%zu of %zu bytes) gave round %lld", i, n, (long long)r);
+    if (fs_fed_parse_server_round(b, i, &r) == 0)
+      fail_msg("a cut record (%zu of %zu bytes) gave round %lld", i, n, (long long)r);
     assert_int_equal(r, 77);
   }
   {
-    static const uint8_t bad_varint[] = {0x0a, 0x12, 0x0a, 0x0c, 's', 'e', 'r', 'v', 'e', 'r', '-', 'r', 'o', 'u', 'n', 'd',
-                                         0x12, 0x02, 0x10, 0xff};
+    static const uint8_t bad_varint[] = {0x0a, 0x12, 0x0a, 0x0c, 's', 'e', 'r',  'v',  'e',  'r',
+                                         '-',  'r',  'o',  'u',  'n', 'd', 0x12, 0x02, 0x10, 0xff};
     static const uint8_t garbage[] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
     static const uint8_t wrong_wire[] = {0x0b, 0x00, 0x0c};
     assert_int_equal(fs_fed_parse_server_round(bad_varint, sizeof(bad_varint), &r), -1);
@@ -656,25 +660,25 @@ static void parse_server_round(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test_setup_teardown(dispatch_before_and_after_config_known, setup, teardown),
-    cmocka_unit_test_setup_teardown(dispatch_after_config_known, setup, teardown),
-    cmocka_unit_test_setup_teardown(staggered_nodes_errors_and_reply_objects, setup, teardown),
-    cmocka_unit_test_setup_teardown(node_offline_mid_round, setup, teardown),
-    cmocka_unit_test_setup_teardown(node_offline_during_reply_objects, setup, teardown),
-    cmocka_unit_test_setup_teardown(next_phase_closes_open_round, setup, teardown),
-    cmocka_unit_test_setup_teardown(repeated_dispatch_told_once, setup, teardown),
-    cmocka_unit_test_setup_teardown(dispatch_deferral_and_fallback, setup, teardown),
-    cmocka_unit_test_setup_teardown(reply_to_unknown_message, setup, teardown),
-    cmocka_unit_test_setup_teardown(node_offline_timing, setup, teardown),
-    cmocka_unit_test_setup_teardown(deactivated_or_unknown_nodes_never_go_offline, setup, teardown),
-    cmocka_unit_test_setup_teardown(default_heartbeat_interval, setup, teardown),
-    cmocka_unit_test_setup_teardown(huge_heartbeat_interval, setup, teardown),
-    cmocka_unit_test_setup_teardown(round_ends_when_waited_for_node_goes_offline, setup, teardown),
-    cmocka_unit_test_setup_teardown(round_ends_when_waited_for_node_deactivates, setup, teardown),
-    cmocka_unit_test_setup_teardown(node_leaving_after_its_reply_does_not_end_the_round, setup, teardown),
-    cmocka_unit_test_setup_teardown(long_message_type_and_group_id_kept, setup, teardown),
-    cmocka_unit_test_setup_teardown(runs_counted_and_bounded, setup, teardown),
-    cmocka_unit_test_setup_teardown(parse_server_round, setup, teardown),
+      cmocka_unit_test_setup_teardown(dispatch_before_and_after_config_known, setup, teardown),
+      cmocka_unit_test_setup_teardown(dispatch_after_config_known, setup, teardown),
+      cmocka_unit_test_setup_teardown(staggered_nodes_errors_and_reply_objects, setup, teardown),
+      cmocka_unit_test_setup_teardown(node_offline_mid_round, setup, teardown),
+      cmocka_unit_test_setup_teardown(node_offline_during_reply_objects, setup, teardown),
+      cmocka_unit_test_setup_teardown(next_phase_closes_open_round, setup, teardown),
+      cmocka_unit_test_setup_teardown(repeated_dispatch_told_once, setup, teardown),
+      cmocka_unit_test_setup_teardown(dispatch_deferral_and_fallback, setup, teardown),
+      cmocka_unit_test_setup_teardown(reply_to_unknown_message, setup, teardown),
+      cmocka_unit_test_setup_teardown(node_offline_timing, setup, teardown),
+      cmocka_unit_test_setup_teardown(deactivated_or_unknown_nodes_never_go_offline, setup, teardown),
+      cmocka_unit_test_setup_teardown(default_heartbeat_interval, setup, teardown),
+      cmocka_unit_test_setup_teardown(huge_heartbeat_interval, setup, teardown),
+      cmocka_unit_test_setup_teardown(round_ends_when_waited_for_node_goes_offline, setup, teardown),
+      cmocka_unit_test_setup_teardown(round_ends_when_waited_for_node_deactivates, setup, teardown),
+      cmocka_unit_test_setup_teardown(node_leaving_after_its_reply_does_not_end_the_round, setup, teardown),
+      cmocka_unit_test_setup_teardown(long_message_type_and_group_id_kept, setup, teardown),
+      cmocka_unit_test_setup_teardown(runs_counted_and_bounded, setup, teardown),
+      cmocka_unit_test_setup_teardown(parse_server_round, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

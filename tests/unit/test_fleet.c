@@ -30,11 +30,11 @@ static void methods(void **state) {
  * cut after 40 bytes: every field before the content is read, the content's
  * declared size is known. */
 static void walker_on_truncated_push_object(void **state) {
-  uint8_t m[64] = {0x0a, 0x03, 0x08, 0xac, 0x02,                                                /* node */
-                   0x10, 0x85, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01,            /* run_id */
-                   0x1a, 0x02, 'a', 'b',                                                        /* object_id */
-                   0x22, 0xe8, 0x07,                                                            /* content: 1000 */
-                   'A', 'r', 'r', 'a', 'y', 'C', 'h', 'u', 'n', 'k', ' ', ' ', '9', '9', '9', 0, 1};
+  uint8_t m[64] = {0x0a, 0x03, 0x08, 0xac, 0x02,                                     /* node */
+                   0x10, 0x85, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01, /* run_id */
+                   0x1a, 0x02, 'a',  'b',                                            /* object_id */
+                   0x22, 0xe8, 0x07,                                                 /* content: 1000 */
+                   'A',  'r',  'r',  'a',  'y',  'C',  'h',  'u',  'n',  'k',  ' ',  ' ', '9', '9', '9', 0, 1};
   const uint8_t *p = m, *end = m + 40;
   fs_pb_field f;
   char type[32];
@@ -92,8 +92,10 @@ static void object_headers(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test(methods), cmocka_unit_test(walker_on_truncated_push_object),
-    cmocka_unit_test(walker_rejects_malformed), cmocka_unit_test(object_headers),
+      cmocka_unit_test(methods),
+      cmocka_unit_test(walker_on_truncated_push_object),
+      cmocka_unit_test(walker_rejects_malformed),
+      cmocka_unit_test(object_headers),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

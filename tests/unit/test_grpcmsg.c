@@ -49,8 +49,7 @@ static void splits_any_chunking(void **state) {
     fs_grpcmsg_init(&m, 1000);
     if (pass == 0)
       for (i = 0; i < n; i++) assert_int_equal(fs_grpcmsg_feed(&m, buf + i, 1, &cb, &r), 0);
-    else
-      assert_int_equal(fs_grpcmsg_feed(&m, buf, n, &cb, &r), 0);
+    else assert_int_equal(fs_grpcmsg_feed(&m, buf, n, &cb, &r), 0);
     assert_int_equal(r.begins, 3);
     assert_int_equal(r.ends, 3);
     assert_int_equal(r.lens[0], 100);
@@ -112,8 +111,8 @@ static void grpc_timeout_header(void **state) {
 static void hold_ends_before_the_call_deadline(void **state) {
   (void)state;
   assert_int_equal(fs_grpc_hold_ms(20000, 0, 0), 20000);
-  assert_int_equal(fs_grpc_hold_ms(20000, 1, 5000), 4800);  /* Flower's heartbeat deadline */
-  assert_int_equal(fs_grpc_hold_ms(20000, 1, 1000), 900);   /* 10% of a short deadline */
+  assert_int_equal(fs_grpc_hold_ms(20000, 1, 5000), 4800);   /* Flower's heartbeat deadline */
+  assert_int_equal(fs_grpc_hold_ms(20000, 1, 1000), 900);    /* 10% of a short deadline */
   assert_int_equal(fs_grpc_hold_ms(20000, 1, 60000), 20000); /* the hold is shorter */
   assert_int_equal(fs_grpc_hold_ms(20000, 1, 20100), 19900);
   assert_int_equal(fs_grpc_hold_ms(20000, 1, 5), 5);
@@ -123,9 +122,9 @@ static void hold_ends_before_the_call_deadline(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test(hold_ends_before_the_call_deadline),
-    cmocka_unit_test(splits_any_chunking), cmocka_unit_test(too_big_is_refused_and_sticky),
-    cmocka_unit_test(limit_is_inclusive), cmocka_unit_test(max_length_header_with_default_limit), cmocka_unit_test(grpc_timeout_header),
+      cmocka_unit_test(hold_ends_before_the_call_deadline),   cmocka_unit_test(splits_any_chunking),
+      cmocka_unit_test(too_big_is_refused_and_sticky),        cmocka_unit_test(limit_is_inclusive),
+      cmocka_unit_test(max_length_header_with_default_limit), cmocka_unit_test(grpc_timeout_header),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

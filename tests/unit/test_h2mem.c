@@ -159,13 +159,13 @@ static void idle_nghttp2_session_keeps_one_page(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test_teardown(big_block_costs_only_the_pages_written, teardown),
-    cmocka_unit_test_teardown(freed_slot_comes_back_zeroed, teardown),
-    cmocka_unit_test_teardown(small_blocks_stay_with_malloc, teardown),
-    cmocka_unit_test_teardown(realloc_keeps_the_bytes, teardown),
-    cmocka_unit_test_teardown(realloc_of_null_allocates_from_slots, teardown),
-    cmocka_unit_test_teardown(exhausted_range_falls_back_to_malloc, teardown),
-    cmocka_unit_test_teardown(idle_nghttp2_session_keeps_one_page, teardown),
+      cmocka_unit_test_teardown(big_block_costs_only_the_pages_written, teardown),
+      cmocka_unit_test_teardown(freed_slot_comes_back_zeroed, teardown),
+      cmocka_unit_test_teardown(small_blocks_stay_with_malloc, teardown),
+      cmocka_unit_test_teardown(realloc_keeps_the_bytes, teardown),
+      cmocka_unit_test_teardown(realloc_of_null_allocates_from_slots, teardown),
+      cmocka_unit_test_teardown(exhausted_range_falls_back_to_malloc, teardown),
+      cmocka_unit_test_teardown(idle_nghttp2_session_keeps_one_page, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

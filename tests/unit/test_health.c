@@ -113,9 +113,22 @@ static void known_services(void **state) {
 
 static void unknown_services(void **state) {
   static const char *const names[] = {
-    "flwr.proto.Fleet ", " flwr.proto.Fleet", "flwr.proto.fleet", "FLWR.PROTO.FLEET", "flwr.proto.Flee",
-    "flwr.proto.Fleet.", "flwr.proto.Fleet/", "flwr.proto", "Fleet", "grpc.health.v1.Health",
-    "flwr.proto.Control", "flwr.proto.ServerAppIo", "*", "/", " ", "x",
+      "flwr.proto.Fleet ",
+      " flwr.proto.Fleet",
+      "flwr.proto.fleet",
+      "FLWR.PROTO.FLEET",
+      "flwr.proto.Flee",
+      "flwr.proto.Fleet.",
+      "flwr.proto.Fleet/",
+      "flwr.proto",
+      "Fleet",
+      "grpc.health.v1.Health",
+      "flwr.proto.Control",
+      "flwr.proto.ServerAppIo",
+      "*",
+      "/",
+      " ",
+      "x",
   };
   size_t i;
   (void)state;
@@ -171,10 +184,15 @@ static void superlink_health_is_required(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test(all_input_combinations), cmocka_unit_test(reason_names_first_unmet_condition),
-    cmocka_unit_test(nonzero_inputs_are_true), cmocka_unit_test(eval_is_pure), cmocka_unit_test(superlink_health_is_required),
-    cmocka_unit_test(known_services),        cmocka_unit_test(unknown_services),
-    cmocka_unit_test(status_names),          cmocka_unit_test(status_values_match_the_protocol),
+      cmocka_unit_test(all_input_combinations),
+      cmocka_unit_test(reason_names_first_unmet_condition),
+      cmocka_unit_test(nonzero_inputs_are_true),
+      cmocka_unit_test(eval_is_pure),
+      cmocka_unit_test(superlink_health_is_required),
+      cmocka_unit_test(known_services),
+      cmocka_unit_test(unknown_services),
+      cmocka_unit_test(status_names),
+      cmocka_unit_test(status_values_match_the_protocol),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -125,14 +125,14 @@ static void probe_answered(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test(silent_upstream_is_pinged_then_dead),
-    cmocka_unit_test(answer_resets_the_clock),
-    cmocka_unit_test(detection_is_bounded_from_last_byte),
-    cmocka_unit_test(traffic_means_no_ping),
-    cmocka_unit_test(stale_receive_time_is_ignored),
-    cmocka_unit_test(idle_connection_is_not_pinged),
-    cmocka_unit_test(probe_pings_now_once),
-    cmocka_unit_test(probe_answered),
+      cmocka_unit_test(silent_upstream_is_pinged_then_dead),
+      cmocka_unit_test(answer_resets_the_clock),
+      cmocka_unit_test(detection_is_bounded_from_last_byte),
+      cmocka_unit_test(traffic_means_no_ping),
+      cmocka_unit_test(stale_receive_time_is_ignored),
+      cmocka_unit_test(idle_connection_is_not_pinged),
+      cmocka_unit_test(probe_pings_now_once),
+      cmocka_unit_test(probe_answered),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

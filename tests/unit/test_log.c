@@ -119,15 +119,17 @@ static void full_output_drops_and_counts(void **state) {
   {
     char drain[65536];
     fcntl(fds[0], F_SETFL, O_NONBLOCK);
-    while (read(fds[0], drain, sizeof(drain)) > 0) {
-    }
+    while (read(fds[0], drain, sizeof(drain)) > 0) {}
   }
 }
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test(envelope_and_types), cmocka_unit_test(escaping), cmocka_unit_test(long_values_are_cut_and_marked),
-    cmocka_unit_test(text_format), cmocka_unit_test(full_output_drops_and_counts),
+      cmocka_unit_test(envelope_and_types),
+      cmocka_unit_test(escaping),
+      cmocka_unit_test(long_values_are_cut_and_marked),
+      cmocka_unit_test(text_format),
+      cmocka_unit_test(full_output_drops_and_counts),
   };
   return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -14,26 +14,26 @@
 static char out[256 * 1024];
 
 static const fs_fed_run runs[2] = {
-  {.run_id = 18446744073709551615ull, .round = 3, .instructions = 6, .replies = 5, .error_replies = 1, .last_ms = 9},
-  {.run_id = 42, .round = -1, .instructions = 0, .replies = 0, .error_replies = 0, .last_ms = 1},
+    {.run_id = 18446744073709551615ull, .round = 3, .instructions = 6, .replies = 5, .error_replies = 1, .last_ms = 9},
+    {.run_id = 42, .round = -1, .instructions = 0, .replies = 0, .error_replies = 0, .last_ms = 1},
 };
 
 static const fs_metrics_sample sample = {
-  .conns_current = 3,
-  .conns_total = 17,
-  .tls_failures = 2,
-  .upstream_up = 1,
-  .upstream_connects = 4,
-  .serving = 1,
-  .dropped_lines = 5,
-  .nodes_active = 2,
-  .runs = runs,
-  .n_runs = 2,
-  .calls_held = 7,
-  .calls_failed_down = 3,
-  .retries = 2,
-  .pings = 11,
-  .ping_rtt_s = 0.0125,
+    .conns_current = 3,
+    .conns_total = 17,
+    .tls_failures = 2,
+    .upstream_up = 1,
+    .upstream_connects = 4,
+    .serving = 1,
+    .dropped_lines = 5,
+    .nodes_active = 2,
+    .runs = runs,
+    .n_runs = 2,
+    .calls_held = 7,
+    .calls_failed_down = 3,
+    .retries = 2,
+    .pings = 11,
+    .ping_rtt_s = 0.0125,
 };
 
 static size_t render(void) {
@@ -68,8 +68,8 @@ static void counters_after_calls(void **state) {
   fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 2, 10, 20);
   fs_metrics_call(FS_FLEET_PUSH_OBJECT, 14, 2000, 5000000, 7);
   fs_metrics_call(FS_FLEET_PUSH_OBJECT, 0, 40000, 1, 2); /* beyond the last bucket */
-  fs_metrics_call(FS_FLEET_GET_RUN, 99, 1, 0, 0);         /* not a gRPC status: UNKNOWN */
-  fs_metrics_call(FS_FLEET_NONE, 5, 0, 7, 8);             /* a non-Fleet call */
+  fs_metrics_call(FS_FLEET_GET_RUN, 99, 1, 0, 0);        /* not a gRPC status: UNKNOWN */
+  fs_metrics_call(FS_FLEET_NONE, 5, 0, 7, 8);            /* a non-Fleet call */
   render();
   has_line("# TYPE flower_sidecar_calls_total counter");
   has_line("flower_sidecar_calls_total{method=\"PullMessages\",status=\"OK\"} 2");
@@ -127,8 +127,8 @@ static void counters_after_calls(void **state) {
 static void histogram_buckets_monotonic(void **state) {
   static const fs_fleet_method ms[] = {FS_FLEET_REGISTER_NODE, FS_FLEET_PULL_MESSAGES, FS_FLEET_PULL_OBJECT,
                                        FS_FLEET_SEND_NODE_HEARTBEAT, FS_FLEET_NONE};
-  static const uint64_t durations[] = {0, 1, 2, 3, 7, 10, 24, 26, 99, 100, 101, 250, 999, 1000, 1001, 4999,
-                                       5000, 9999, 29999, 30000, 30001, 3600000};
+  static const uint64_t durations[] = {0,   1,   2,    3,    7,    10,   24,   26,    99,    100,   101,
+                                       250, 999, 1000, 1001, 4999, 5000, 9999, 29999, 30000, 30001, 3600000};
   char *line, *save = NULL;
   char cur[64] = "";
   double last_le = -1;
@@ -143,8 +143,8 @@ static void histogram_buckets_monotonic(void **state) {
   for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
     char method[64], le[32];
     unsigned long long v;
-    if (sscanf(line, "flower_sidecar_call_duration_seconds_bucket{method=\"%63[^\"]\",le=\"%31[^\"]\"} %llu", method, le,
-               &v) == 3) {
+    if (sscanf(line, "flower_sidecar_call_duration_seconds_bucket{method=\"%63[^\"]\",le=\"%31[^\"]\"} %llu", method,
+               le, &v) == 3) {
       if (strcmp(method, cur)) {
         assert_int_equal(cur[0] == 0 || inf != 0 || last_count == 0, 1);
         snprintf(cur, sizeof(cur), "%s", method);
@@ -225,11 +225,9 @@ static void reset_forgets(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test_setup(counters_after_calls, setup),
-    cmocka_unit_test_setup(histogram_buckets_monotonic, setup),
-    cmocka_unit_test_setup(exposition_format, setup),
-    cmocka_unit_test_setup(small_buffer_gives_zero, setup),
-    cmocka_unit_test_setup(reset_forgets, setup),
+      cmocka_unit_test_setup(counters_after_calls, setup), cmocka_unit_test_setup(histogram_buckets_monotonic, setup),
+      cmocka_unit_test_setup(exposition_format, setup),    cmocka_unit_test_setup(small_buffer_gives_zero, setup),
+      cmocka_unit_test_setup(reset_forgets, setup),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

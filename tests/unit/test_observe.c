@@ -17,21 +17,21 @@
 #include "log.h"
 #include "observe.h"
 
-#define PEER "203.0.113.7:51234"
-#define NODE_A 9223372036854788153ull /* 2^63 + 12345: above 2^53 and 2^63 */
+#define PEER     "203.0.113.7:51234"
+#define NODE_A   9223372036854788153ull /* 2^63 + 12345: above 2^53 and 2^63 */
 #define NODE_A_S "9223372036854788153"
-#define NODE_B 11120582391849163402ull
+#define NODE_B   11120582391849163402ull
 #define NODE_B_S "11120582391849163402"
-#define RUN 18446744073709551615ull
-#define RUN_S "18446744073709551615"
-#define MID "1111111111111111111111111111111111111111111111111111111111111111"
-#define RID "2222222222222222222222222222222222222222222222222222222222222222"
-#define ID_RD "3333333333333333333333333333333333333333333333333333333333333333"
-#define ID_AR "4444444444444444444444444444444444444444444444444444444444444444"
-#define ID_ARR "5555555555555555555555555555555555555555555555555555555555555555"
+#define RUN      18446744073709551615ull
+#define RUN_S    "18446744073709551615"
+#define MID      "1111111111111111111111111111111111111111111111111111111111111111"
+#define RID      "2222222222222222222222222222222222222222222222222222222222222222"
+#define ID_RD    "3333333333333333333333333333333333333333333333333333333333333333"
+#define ID_AR    "4444444444444444444444444444444444444444444444444444444444444444"
+#define ID_ARR   "5555555555555555555555555555555555555555555555555555555555555555"
 #define ID_CHUNK "6666666666666666666666666666666666666666666666666666666666666666"
-#define ID_CFG "7777777777777777777777777777777777777777777777777777777777777777"
-#define ID_MR "8888888888888888888888888888888888888888888888888888888888888888"
+#define ID_CFG   "7777777777777777777777777777777777777777777777777777777777777777"
+#define ID_MR    "8888888888888888888888888888888888888888888888888888888888888888"
 
 static const size_t chunkings[] = {0, 1, 2, 3, 5, 7, 64, 4096};
 #define NCHUNKINGS (sizeof(chunkings) / sizeof(chunkings[0]))
@@ -106,8 +106,10 @@ static uint8_t *object(const char *type, const char *children, const uint8_t *bo
 
 /* ConfigRecord{server-round: round (sint64)} plus an optional big string item. */
 static uint8_t *config_body(int64_t round, size_t pad, size_t *len) {
-  Flwr__Proto__ConfigRecordValue v = FLWR__PROTO__CONFIG_RECORD_VALUE__INIT, pv = FLWR__PROTO__CONFIG_RECORD_VALUE__INIT;
-  Flwr__Proto__ConfigRecord__Item it = FLWR__PROTO__CONFIG_RECORD__ITEM__INIT, pit = FLWR__PROTO__CONFIG_RECORD__ITEM__INIT;
+  Flwr__Proto__ConfigRecordValue v = FLWR__PROTO__CONFIG_RECORD_VALUE__INIT,
+                                 pv = FLWR__PROTO__CONFIG_RECORD_VALUE__INIT;
+  Flwr__Proto__ConfigRecord__Item it = FLWR__PROTO__CONFIG_RECORD__ITEM__INIT,
+                                  pit = FLWR__PROTO__CONFIG_RECORD__ITEM__INIT;
   Flwr__Proto__ConfigRecord__Item *items[2] = {&it, &pit};
   Flwr__Proto__ConfigRecord rec = FLWR__PROTO__CONFIG_RECORD__INIT;
   char *padding = NULL;
@@ -454,7 +456,8 @@ static size_t all_calls(fleet_call *c) {
   free(body);
   c[n++] = (fleet_call){"RegisterNode", register_rq(), register_rs(NODE_A)};
   c[n++] = (fleet_call){"ActivateNode", activate_rq(30), activate_rs(NODE_A)};
-  c[n++] = (fleet_call){"DeactivateNode", deactivate_rq(NODE_A), empty_rs(&flwr__proto__deactivate_node_response__descriptor)};
+  c[n++] = (fleet_call){"DeactivateNode", deactivate_rq(NODE_A),
+                        empty_rs(&flwr__proto__deactivate_node_response__descriptor)};
   c[n++] = (fleet_call){"UnregisterNode", unregister_rq(NODE_A),
                         empty_rs(&flwr__proto__unregister_node_fleet_response__descriptor)};
   c[n++] = (fleet_call){"SendNodeHeartbeat", heartbeat_rq(30), heartbeat_rs()};
@@ -490,8 +493,8 @@ static void node_lifecycle_any_chunking(void **state) {
     call_free("ActivateNode", activate_rq(2.5), activate_rs(NODE_A), ch, 0);
     call_free("SendNodeHeartbeat", heartbeat_rq(2.5), heartbeat_rs(), ch, 0);
     assert_int_equal(fs_fed_nodes_active(), 1);
-    call_free("DeactivateNode", deactivate_rq(NODE_A), empty_rs(&flwr__proto__deactivate_node_response__descriptor),
-              ch, 0);
+    call_free("DeactivateNode", deactivate_rq(NODE_A), empty_rs(&flwr__proto__deactivate_node_response__descriptor), ch,
+              0);
     assert_int_equal(fs_fed_nodes_active(), 0);
     call_free("UnregisterNode", unregister_rq(NODE_A),
               empty_rs(&flwr__proto__unregister_node_fleet_response__descriptor), ch, 0);
@@ -901,9 +904,9 @@ static void oversized_protobuf_message(void **state) {
 /* Unknown fields (a newer Flower) are skipped, not rejected. */
 static void unknown_fields_are_skipped(void **state) {
   static const uint8_t extra[] = {
-    0xf8, 0x3e, 0x2a,                /* field 999, varint 42 */
-    0xc2, 0x3e, 0x03, 'n', 'e', 'w', /* field 1000, bytes "new" */
-    0xcd, 0x3e, 1, 2, 3, 4,          /* field 1001, fixed32 */
+      0xf8, 0x3e, 0x2a,                /* field 999, varint 42 */
+      0xc2, 0x3e, 0x03, 'n', 'e', 'w', /* field 1000, bytes "new" */
+      0xcd, 0x3e, 1,    2,   3,   4,   /* field 1001, fixed32 */
   };
   blob rq = append(activate_rq(30), extra, sizeof(extra)), rs = append(activate_rs(NODE_B), extra, sizeof(extra));
   (void)state;
@@ -949,23 +952,23 @@ static void not_a_fleet_call(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-    cmocka_unit_test_setup_teardown(node_lifecycle_any_chunking, setup, teardown),
-    cmocka_unit_test_setup_teardown(heartbeat_is_debug_only, setup, teardown),
-    cmocka_unit_test_setup_teardown(run_and_fab_fetch, setup, teardown),
-    cmocka_unit_test_setup_teardown(instruction_round_trip, setup, teardown),
-    cmocka_unit_test_setup_teardown(error_reply, setup, teardown),
-    cmocka_unit_test_setup_teardown(non_ok_status_gives_no_events, setup, teardown),
-    cmocka_unit_test_setup_teardown(truncated_messages, setup, teardown),
-    cmocka_unit_test_setup_teardown(corrupt_messages, setup, teardown),
-    cmocka_unit_test_setup_teardown(compressed_messages, setup, teardown),
-    cmocka_unit_test_setup_teardown(empty_and_missing_messages, setup, teardown),
-    cmocka_unit_test_setup_teardown(oversized_objects, setup, teardown),
-    cmocka_unit_test_setup_teardown(oversized_config_record_still_gives_round, setup, teardown),
-    cmocka_unit_test_setup_teardown(unavailable_object, setup, teardown),
-    cmocka_unit_test_setup_teardown(oversized_protobuf_message, setup, teardown),
-    cmocka_unit_test_setup_teardown(unknown_fields_are_skipped, setup, teardown),
-    cmocka_unit_test_setup_teardown(only_first_message, setup, teardown),
-    cmocka_unit_test_setup_teardown(not_a_fleet_call, setup, teardown),
+      cmocka_unit_test_setup_teardown(node_lifecycle_any_chunking, setup, teardown),
+      cmocka_unit_test_setup_teardown(heartbeat_is_debug_only, setup, teardown),
+      cmocka_unit_test_setup_teardown(run_and_fab_fetch, setup, teardown),
+      cmocka_unit_test_setup_teardown(instruction_round_trip, setup, teardown),
+      cmocka_unit_test_setup_teardown(error_reply, setup, teardown),
+      cmocka_unit_test_setup_teardown(non_ok_status_gives_no_events, setup, teardown),
+      cmocka_unit_test_setup_teardown(truncated_messages, setup, teardown),
+      cmocka_unit_test_setup_teardown(corrupt_messages, setup, teardown),
+      cmocka_unit_test_setup_teardown(compressed_messages, setup, teardown),
+      cmocka_unit_test_setup_teardown(empty_and_missing_messages, setup, teardown),
+      cmocka_unit_test_setup_teardown(oversized_objects, setup, teardown),
+      cmocka_unit_test_setup_teardown(oversized_config_record_still_gives_round, setup, teardown),
+      cmocka_unit_test_setup_teardown(unavailable_object, setup, teardown),
+      cmocka_unit_test_setup_teardown(oversized_protobuf_message, setup, teardown),
+      cmocka_unit_test_setup_teardown(unknown_fields_are_skipped, setup, teardown),
+      cmocka_unit_test_setup_teardown(only_first_message, setup, teardown),
+      cmocka_unit_test_setup_teardown(not_a_fleet_call, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
