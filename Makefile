@@ -157,7 +157,7 @@ format:
 	clang-format -i $(FORMAT_SRC)
 
 format-check:
-	clang-format --dry-run -Werror $(FORMAT_SRC)
+	@clang-format --dry-run -Werror $(FORMAT_SRC) && echo "format-check: $(words $(FORMAT_SRC)) files follow .clang-format"
 
 install: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
 	install -D -m 0755 $(BUILD)/flower-sidecar $(DESTDIR)$(PREFIX)/bin/flower-sidecar

@@ -19,6 +19,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "fedstate.h"
+#include "grpc.h"
 #include "proxy.h"
 #include "uphealth.h"
 
@@ -142,14 +143,12 @@ static void stream_free(astream *s) {
 
 static void push_status(astream *s, fs_health_status st) {
   Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
-  uint8_t buf[5 + 16];
+  uint8_t buf[FS_GRPC_PREFIX_LEN + 16];
   size_t n;
   resp.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)st;
-  n = grpc__health__v1__health_check_response__pack(&resp, buf + 5);
-  buf[0] = 0;
-  buf[1] = buf[2] = buf[3] = 0;
-  buf[4] = (uint8_t)n;
-  if (fs_bufq_append(&s->out, buf, 5 + n) < 0) return;
+  n = grpc__health__v1__health_check_response__pack(&resp, buf + FS_GRPC_PREFIX_LEN);
+  fs_grpc_prefix_put(buf, (uint32_t)n);
+  if (fs_bufq_append(&s->out, buf, FS_GRPC_PREFIX_LEN + n) < 0) return;
   if (s->deferred && !s->conn->h2.closing) {
     s->deferred = 0;
     nghttp2_session_resume_data(s->conn->h2.session, s->sid);
@@ -164,9 +163,11 @@ static ssize_t read_cb(nghttp2_session *ses, int32_t sid, uint8_t *buf, size_t l
   (void)ud;
   fs_bufq_drop(&s->out, n);
   if (s->out.len == 0 && s->end_after) {
-    nghttp2_nv tr[] = {{(uint8_t *)"grpc-status", (uint8_t *)"0", 11, 1, NGHTTP2_NV_FLAG_NONE}};
+    fs_grpc_reply r;
+    fs_grpc_reply_init(&r, FS_GRPC_OK, NULL, 0);
+    /* Without its trailers the stream would never end: reset it instead. */
+    if (nghttp2_submit_trailer(ses, sid, r.nv, r.n) != 0) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
     *flags |= NGHTTP2_DATA_FLAG_EOF | NGHTTP2_DATA_FLAG_NO_END_STREAM;
-    nghttp2_submit_trailer(ses, sid, tr, 1);
     return (ssize_t)n;
   }
   if (n == 0) {
@@ -176,16 +177,10 @@ static ssize_t read_cb(nghttp2_session *ses, int32_t sid, uint8_t *buf, size_t l
   return (ssize_t)n;
 }
 
-static void respond_error(astream *s, const char *status, const char *msg) {
-  char enc[400];
-  nghttp2_nv nv[] = {
-      {(uint8_t *)":status", (uint8_t *)"200", 7, 3, NGHTTP2_NV_FLAG_NONE},
-      {(uint8_t *)"content-type", (uint8_t *)"application/grpc", 12, 16, NGHTTP2_NV_FLAG_NONE},
-      {(uint8_t *)"grpc-status", (uint8_t *)status, 11, strlen(status), NGHTTP2_NV_FLAG_NONE},
-      {(uint8_t *)"grpc-message", (uint8_t *)enc, 12, 0, NGHTTP2_NV_FLAG_NONE},
-  };
-  nv[3].valuelen = fs_grpc_message_encode(enc, sizeof(enc), msg);
-  nghttp2_submit_response(s->conn->h2.session, s->sid, nv, 4, NULL);
+static void respond_error(astream *s, fs_grpc_status status, const char *msg) {
+  fs_grpc_reply r;
+  fs_grpc_reply_init(&r, status, msg, 1);
+  nghttp2_submit_response(s->conn->h2.session, s->sid, r.nv, r.n, NULL);
 }
 
 static void on_request_complete(astream *s) {
@@ -199,20 +194,19 @@ static void on_request_complete(astream *s) {
   int known;
   const char *reason;
   if (s->method == M_OTHER) {
-    respond_error(s, "12", "flower-sidecar: the admin port serves grpc.health.v1.Health only");
+    respond_error(s, FS_GRPC_UNIMPLEMENTED, "flower-sidecar: the admin port serves grpc.health.v1.Health only");
     return;
   }
-  if (s->overflow || s->req_len < 5 || s->req[0] != 0 ||
-      (len = (uint32_t)s->req[1] << 24 | (uint32_t)s->req[2] << 16 | (uint32_t)s->req[3] << 8 | s->req[4]) !=
-          s->req_len - 5 ||
-      !(req = grpc__health__v1__health_check_request__unpack(NULL, len, s->req + 5))) {
-    respond_error(s, "13", "flower-sidecar: cannot decode the HealthCheckRequest");
+  if (s->overflow || s->req_len < FS_GRPC_PREFIX_LEN || s->req[0] != 0 ||
+      (len = fs_grpc_prefix_len(s->req)) != s->req_len - FS_GRPC_PREFIX_LEN ||
+      !(req = grpc__health__v1__health_check_request__unpack(NULL, len, s->req + FS_GRPC_PREFIX_LEN))) {
+    respond_error(s, FS_GRPC_INTERNAL, "flower-sidecar: cannot decode the HealthCheckRequest");
     return;
   }
   known = fs_health_known_service(req->service, strlen(req->service));
   grpc__health__v1__health_check_request__free_unpacked(req, NULL);
   if (s->method == M_CHECK && !known) {
-    respond_error(s, "5", "unknown service");
+    respond_error(s, FS_GRPC_NOT_FOUND, "unknown service");
     return;
   }
   prd.source.ptr = s;

@@ -43,15 +43,4 @@ int fs_grpcmsg_feed(fs_grpcmsg *m, const uint8_t *p, size_t n, const fs_grpcmsg_
 /* Nonzero when the stream ended exactly on a message boundary. */
 int fs_grpcmsg_at_boundary(const fs_grpcmsg *m);
 
-/* Parses a `grpc-timeout` header value (1-8 digits and a unit H M S m u n).
- * Returns 0 with *|ms| (rounded up to whole ms), or -1 when malformed. */
-int fs_grpc_timeout_ms(const uint8_t *v, size_t len, uint64_t *ms);
-
-/* How long a call may wait for an upstream: |hold_ms|, but for a call with
- * its own deadline (|has_deadline|, |deadline_ms| from now) end the wait a
- * little before it (10%, at most 200 ms), so the client gets our UNAVAILABLE,
- * which Flower retries, rather than its own DEADLINE_EXCEEDED, which it does
- * not.  Returns at least 1. */
-uint64_t fs_grpc_hold_ms(uint64_t hold_ms, int has_deadline, uint64_t deadline_ms);
-
 #endif

@@ -1,26 +1,20 @@
 /* metrics: see metrics.h. */
 #include "metrics.h"
 
+#include "grpc.h"
+
 #include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
-#define NSTATUS 17
 /* Call duration buckets, seconds: Fleet calls range from sub-millisecond
  * heartbeats to multi-second object transfers. */
 static const double buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
 #define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
 
-static const char *const status_names[NSTATUS] = {
-    "OK",        "CANCELLED",       "UNKNOWN",           "INVALID_ARGUMENT",   "DEADLINE_EXCEEDED",
-    "NOT_FOUND", "ALREADY_EXISTS",  "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-    "ABORTED",   "OUT_OF_RANGE",    "UNIMPLEMENTED",     "INTERNAL",           "UNAVAILABLE",
-    "DATA_LOSS", "UNAUTHENTICATED",
-};
-
 static struct {
-  uint64_t calls[FS_FLEET_METHODS][NSTATUS];
+  uint64_t calls[FS_FLEET_METHODS][FS_GRPC_NSTATUS];
   uint64_t hist[FS_FLEET_METHODS][NBUCKETS];
   uint64_t hist_count[FS_FLEET_METHODS];
   double hist_sum[FS_FLEET_METHODS];
@@ -33,7 +27,7 @@ void fs_metrics_call(fs_fleet_method m, int status, uint64_t duration_ms, uint64
   double s = (double)duration_ms / 1000.0;
   size_t b;
   if ((int)m < 0 || m >= FS_FLEET_METHODS) m = FS_FLEET_NONE;
-  if (status < 0 || status >= NSTATUS) status = 2; /* UNKNOWN */
+  if (status < 0 || status >= FS_GRPC_NSTATUS) status = FS_GRPC_UNKNOWN;
   M.calls[m][status]++;
   for (b = 0; b < NBUCKETS; b++)
     if (s <= buckets[b]) M.hist[m][b]++;
@@ -75,10 +69,10 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   put(&o, "flower_sidecar_connections_total %" PRIu64 "\n", s->conns_total);
   head(&o, "calls_total", "counter", "Calls finished, by method and gRPC status.");
   for (m = 0; m < FS_FLEET_METHODS; m++)
-    for (st = 0; st < NSTATUS; st++)
+    for (st = 0; st < FS_GRPC_NSTATUS; st++)
       if (M.calls[m][st] || (st == 0 && m > 0))
         put(&o, "flower_sidecar_calls_total{method=\"%s\",status=\"%s\"} %" PRIu64 "\n",
-            fs_fleet_method_name((fs_fleet_method)m), status_names[st], M.calls[m][st]);
+            fs_fleet_method_name((fs_fleet_method)m), fs_grpc_status_name(st), M.calls[m][st]);
   head(&o, "call_duration_seconds", "histogram", "Call duration from request headers to the final status.");
   for (m = 0; m < FS_FLEET_METHODS; m++) {
     const char *name = fs_fleet_method_name((fs_fleet_method)m);

@@ -25,7 +25,9 @@
 
 #include "backoff.h"
 #include "bufq.h"
+#include "grpc.h"
 #include "grpcmsg.h"
+#include "policy.h"
 #include "h2conn.h"
 #include "h2mem.h"
 #include "keepalive.h"
@@ -154,23 +156,6 @@ static void state_changed(void) {
 }
 
 /* --- small helpers --------------------------------------------------------- */
-
-size_t fs_grpc_message_encode(char *out, size_t cap, const char *msg) {
-  static const char hex[] = "0123456789ABCDEF";
-  size_t o = 0;
-  for (; *msg && o + 4 < cap; msg++) {
-    unsigned char c = (unsigned char)*msg;
-    if (c < 0x20 || c > 0x7e || c == '%') {
-      out[o++] = '%';
-      out[o++] = hex[c >> 4];
-      out[o++] = hex[c & 15];
-    } else {
-      out[o++] = (char)c;
-    }
-  }
-  if (cap) out[o] = '\0';
-  return o;
-}
 
 static void hdrs_clear(hdrs *h) {
   uint32_t i;
@@ -640,10 +625,10 @@ static int stall_watched(const call *c) {
          (c->method == FS_FLEET_SEND_NODE_HEARTBEAT || fs_fleet_repeatable((fs_fleet_method)c->method));
 }
 
-/* When to give up on it: the margin of fs_grpc_hold_ms before its deadline. */
+/* When to give up on it: the margin of fs_policy_hold_ms before its deadline. */
 static uint64_t stall_check_at(const call *c) {
   uint64_t left = c->deadline > c->t_sent ? c->deadline - c->t_sent : 0;
-  return c->t_sent + fs_grpc_hold_ms(UINT64_MAX, 1, left);
+  return c->t_sent + fs_policy_hold_ms(UINT64_MAX, 1, left);
 }
 
 /* When to probe its connection: halfway to the check. */
@@ -905,7 +890,7 @@ static void on_request_headers(call *c, const nghttp2_frame *frame) {
     uint64_t ms = 0;
     int has_deadline = to.len && fs_grpc_timeout_ms(to.base, to.len, &ms) == 0;
     if (P.cfg->hold_timeout_s > 0)
-      c->hold_until = c->t_start + fs_grpc_hold_ms((uint64_t)(P.cfg->hold_timeout_s * 1000), has_deadline, ms);
+      c->hold_until = c->t_start + fs_policy_hold_ms((uint64_t)(P.cfg->hold_timeout_s * 1000), has_deadline, ms);
     if (has_deadline) c->deadline = c->t_start + (ms ? ms : 1);
   }
   route_call(c);

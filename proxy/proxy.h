@@ -52,9 +52,4 @@ const char *fs_proxy_upstream_error(void);
 /* |cb| runs whenever listening, upstream_up or draining changes. */
 void fs_proxy_on_state_change(void (*cb)(void));
 
-/* Percent-encodes |msg| for grpc-message (gRPC spec: bytes outside
- * 0x20..0x7E and '%').  Returns the length written (always NUL-terminated,
- * cut to fit |cap|). */
-size_t fs_grpc_message_encode(char *out, size_t cap, const char *msg);
-
 #endif

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "config.h"
+#include "grpc.h"
 #include "fleet.h"
 #include "h2conn.h"
 #include "log.h"
@@ -60,8 +61,7 @@ static int on_header(nghttp2_session *s, const nghttp2_frame *frame, const uint8
                      const uint8_t *value, size_t valuelen, uint8_t flags, void *ud) {
   (void)s, (void)flags, (void)ud;
   if (frame->hd.stream_id != U.sid || namelen != 11 || memcmp(name, "grpc-status", 11)) return 0;
-  U.grpc_status = 0;
-  while (valuelen--) U.grpc_status = U.grpc_status * 10 + (*value >= '0' && *value <= '9' ? *value - '0' : 0), value++;
+  U.grpc_status = fs_grpc_status_parse(value, valuelen);
   return 0;
 }
 
@@ -77,12 +77,12 @@ static int on_data(nghttp2_session *s, uint8_t flags, int32_t sid, const uint8_t
 
 /* HealthCheckResponse { ServingStatus status = 1; } in one gRPC message. */
 static int serving_status(void) {
-  const uint8_t *p = U.body + 5, *end;
+  const uint8_t *p = U.body + FS_GRPC_PREFIX_LEN, *end;
   fs_pb_field f;
   uint32_t mlen;
-  if (U.body_len < 5 || U.body[0] != 0) return -1;
-  mlen = (uint32_t)U.body[1] << 24 | (uint32_t)U.body[2] << 16 | (uint32_t)U.body[3] << 8 | U.body[4];
-  if (mlen > U.body_len - 5) return -1;
+  if (U.body_len < FS_GRPC_PREFIX_LEN || U.body[0] != 0) return -1;
+  mlen = fs_grpc_prefix_len(U.body);
+  if (mlen > U.body_len - FS_GRPC_PREFIX_LEN) return -1;
   end = p + mlen;
   while (fs_pb_next(&p, end, &f) == 1)
     if (f.num == 1 && f.wire == 0) return (int)f.value;
@@ -95,7 +95,7 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
   if (sid != U.sid) return 0;
   U.sid = 0;
   if (code) set_result(0, "SuperLink health %s: stream reset (%s)", U.name, nghttp2_http2_strerror(code));
-  else if (U.grpc_status != 0)
+  else if (U.grpc_status != FS_GRPC_OK)
     set_result(0, "SuperLink health %s: Check failed with grpc-status %d", U.name, U.grpc_status);
   else if ((st = serving_status()) != 1)
     set_result(0, "SuperLink health %s answered %s", U.name,

@@ -86,45 +86,12 @@ static void max_length_header_with_default_limit(void **state) {
   assert_int_equal(fs_grpcmsg_feed(&m, hdr, 5, NULL, NULL), FS_GRPCMSG_TOO_BIG);
 }
 
-static void grpc_timeout_header(void **state) {
-  uint64_t ms = 0;
-  (void)state;
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"10S", 3, &ms), 0);
-  assert_int_equal(ms, 10000);
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"2500m", 5, &ms), 0);
-  assert_int_equal(ms, 2500);
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"1500u", 5, &ms), 0);
-  assert_int_equal(ms, 2); /* rounded up */
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"1n", 2, &ms), 0);
-  assert_int_equal(ms, 1);
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"99999999H", 9, &ms), 0);
-  assert_true(ms == 99999999ull * 3600000ull);
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"3M", 2, &ms), 0);
-  assert_int_equal(ms, 180000);
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"S", 1, &ms), -1);
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"123456789S", 10, &ms), -1);
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"10s", 3, &ms), -1);
-  assert_int_equal(fs_grpc_timeout_ms((const uint8_t *)"-1S", 3, &ms), -1);
-}
-
-/* A held call ends before its own deadline, never after the hold limit. */
-static void hold_ends_before_the_call_deadline(void **state) {
-  (void)state;
-  assert_int_equal(fs_grpc_hold_ms(20000, 0, 0), 20000);
-  assert_int_equal(fs_grpc_hold_ms(20000, 1, 5000), 4800);   /* Flower's heartbeat deadline */
-  assert_int_equal(fs_grpc_hold_ms(20000, 1, 1000), 900);    /* 10% of a short deadline */
-  assert_int_equal(fs_grpc_hold_ms(20000, 1, 60000), 20000); /* the hold is shorter */
-  assert_int_equal(fs_grpc_hold_ms(20000, 1, 20100), 19900);
-  assert_int_equal(fs_grpc_hold_ms(20000, 1, 5), 5);
-  assert_int_equal(fs_grpc_hold_ms(20000, 1, 0), 1);
-  assert_int_equal(fs_grpc_hold_ms(0, 0, 0), 1);
-}
-
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test(hold_ends_before_the_call_deadline),   cmocka_unit_test(splits_any_chunking),
-      cmocka_unit_test(too_big_is_refused_and_sticky),        cmocka_unit_test(limit_is_inclusive),
-      cmocka_unit_test(max_length_header_with_default_limit), cmocka_unit_test(grpc_timeout_header),
+      cmocka_unit_test(splits_any_chunking),
+      cmocka_unit_test(too_big_is_refused_and_sticky),
+      cmocka_unit_test(limit_is_inclusive),
+      cmocka_unit_test(max_length_header_with_default_limit),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

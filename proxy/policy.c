@@ -1,0 +1,70 @@
+/* policy: see policy.h. */
+#include "policy.h"
+
+uint64_t fs_policy_hold_ms(uint64_t hold_ms, int has_deadline, uint64_t deadline_ms) {
+  if (has_deadline) {
+    uint64_t margin = deadline_ms / 10 < 200 ? deadline_ms / 10 : 200;
+    if (deadline_ms - margin < hold_ms) hold_ms = deadline_ms - margin;
+  }
+  return hold_ms ? hold_ms : 1;
+}
+
+int fs_policy_may_retry(const fs_retry_facts *f) {
+  return f->replay_complete && !f->response_started && !f->trailers_sent && !f->finished && f->client_present &&
+         f->attempts < FS_POLICY_MAX_RETRIES && !f->draining && (f->refused || f->method_repeatable);
+}
+
+int fs_policy_stall_watched(int probe_enabled, int has_deadline, int response_started, int safe_to_fail) {
+  return probe_enabled && has_deadline && !response_started && safe_to_fail;
+}
+
+uint64_t fs_policy_stall_check_at(uint64_t sent_ms, uint64_t deadline_ms) {
+  uint64_t left = deadline_ms > sent_ms ? deadline_ms - sent_ms : 0;
+  return sent_ms + fs_policy_hold_ms(UINT64_MAX, 1, left);
+}
+
+uint64_t fs_policy_stall_probe_at(uint64_t sent_ms, uint64_t deadline_ms) {
+  return sent_ms + (fs_policy_stall_check_at(sent_ms, deadline_ms) - sent_ms) / 2;
+}
+
+fs_stall_verdict fs_policy_stall(uint64_t now_ms, uint64_t sent_ms, uint64_t deadline_ms, uint64_t probe_ms,
+                                 uint64_t ping_ack_ms, uint64_t *next_at) {
+  uint64_t check_at = fs_policy_stall_check_at(sent_ms, deadline_ms);
+  uint64_t probe_at = fs_policy_stall_probe_at(sent_ms, deadline_ms);
+  if (!probe_ms && now_ms >= probe_at) return FS_STALL_PROBE;
+  if (now_ms < check_at) {
+    *next_at = probe_ms ? check_at : probe_at;
+    return FS_STALL_WAIT;
+  }
+  return ping_ack_ms >= probe_ms ? FS_STALL_ALIVE : FS_STALL_FAIL;
+}
+
+int fs_policy_pick_upstream(const fs_upconn_view *v, size_t n, size_t max_conns, int draining, int *should_connect) {
+  size_t i;
+  int connecting = 0, best = -1;
+  for (i = 0; i < n; i++) {
+    if (v[i].closing) continue;
+    if (!v[i].ready) {
+      connecting = 1;
+      continue;
+    }
+    if (v[i].goaway) continue;
+    if (v[i].streams < v[i].max_streams) {
+      *should_connect = 0;
+      return (int)i;
+    }
+    if (best < 0 || v[i].streams < v[best].streams) best = (int)i;
+  }
+  *should_connect = !connecting && n < max_conns && !draining;
+  return *should_connect || connecting ? -1 : best;
+}
+
+uint64_t fs_policy_keepalive_backoff(uint64_t time_ms) {
+  const uint64_t day = 86400000;
+  return time_ms < day / 2 ? time_ms * 2 : day;
+}
+
+fs_idle_action fs_policy_idle(int ready, int closing, uint32_t streams, uint64_t idle_ms) {
+  if (!ready || closing) return FS_IDLE_ASIS;
+  return streams > 0 || idle_ms == 0 ? FS_IDLE_STOP : FS_IDLE_ARM;
+}

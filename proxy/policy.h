@@ -1,0 +1,122 @@
+/*
+ * policy: the data path's decisions, as pure functions over plain values
+ * (no clock reads, no I/O, no globals), so each can be pinned by unit tests
+ * (tests/unit/test_policy.c): how long a call may wait for an upstream,
+ * whether a call may be repeated, when a stalled call probes its connection
+ * and when it gives up, which upstream connection takes a call, how the
+ * keepalive time grows after too_many_pings, and the idle timer of a client
+ * connection.  The modules that act on them (call.c, uppool.c,
+ * downstream.c) only gather the facts and carry the verdict out.
+ *
+ * Times are milliseconds on one clock (the loop's).
+ */
+#ifndef FS_POLICY_H
+#define FS_POLICY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* --- holding a call while no upstream connection can take it ------------- */
+
+/* How long a call may wait for an upstream: |hold_ms|, but for a call with
+ * its own deadline (|has_deadline|, |deadline_ms| from now) end the wait a
+ * little before it (10%, at most 200 ms), so the client gets our UNAVAILABLE,
+ * which Flower retries, rather than its own DEADLINE_EXCEEDED, which it does
+ * not.  Returns at least 1. */
+uint64_t fs_policy_hold_ms(uint64_t hold_ms, int has_deadline, uint64_t deadline_ms);
+
+/* --- repeating a call -------------------------------------------------------- */
+
+/* A call is repeated at most this many times. */
+#define FS_POLICY_MAX_RETRIES 3
+
+typedef struct fs_retry_facts {
+  uint8_t replay_complete;   /* every request byte sent upstream is still kept */
+  uint8_t response_started;  /* the upstream sent response headers: it processed the call */
+  uint8_t trailers_sent;     /* request trailers went out (they are not kept) */
+  uint8_t finished;          /* the call's final status is already decided */
+  uint8_t client_present;    /* the client's stream is still open */
+  uint8_t draining;          /* the sidecar is shutting down */
+  uint8_t attempts;          /* repeats made so far */
+  uint8_t refused;           /* the upstream provably never processed it (REFUSED_STREAM, above GOAWAY) */
+  uint8_t method_repeatable; /* the method has no side effects (fs_fleet_repeatable) */
+} fs_retry_facts;
+
+/* Nonzero when the call may be sent again: everything sent is kept, no
+ * answer came, the client still waits, fewer than FS_POLICY_MAX_RETRIES
+ * repeats were made, not draining, and either the upstream never saw it or
+ * the method has no side effects. */
+int fs_policy_may_retry(const fs_retry_facts *f);
+
+/* --- calls stalled on a silent connection (node role) ------------------------ */
+
+/* Nonzero when a call is watched for a stall: the stall probe is on for this
+ * pool, the call has a deadline, no response headers came yet, and ending it
+ * UNAVAILABLE is safe (the client repeats it: a heartbeat or a method
+ * without side effects). */
+int fs_policy_stall_watched(int probe_enabled, int has_deadline, int response_started, int safe_to_fail);
+
+/* When a watched call sent at |sent_ms| with deadline |deadline_ms| is given
+ * up on if its connection did not answer a PING: the fs_policy_hold_ms
+ * margin before the deadline. */
+uint64_t fs_policy_stall_check_at(uint64_t sent_ms, uint64_t deadline_ms);
+
+/* When it probes its connection with a PING: halfway to the check. */
+uint64_t fs_policy_stall_probe_at(uint64_t sent_ms, uint64_t deadline_ms);
+
+typedef enum {
+  FS_STALL_WAIT,  /* nothing to do before *|next_at| */
+  FS_STALL_PROBE, /* PING the connection now, record |now_ms| as the probe time and decide again */
+  FS_STALL_FAIL,  /* no PING ACK since the probe and the check time came: end the call UNAVAILABLE */
+  FS_STALL_ALIVE  /* the connection answered the probe: leave the call to its own deadline */
+} fs_stall_verdict;
+
+/* Decides for one watched call at |now_ms|: |probe_ms| is when its probe
+ * PING went out (0: not yet), |ping_ack_ms| when the connection's last PING
+ * ACK arrived (0: never).  Only an ACK after the probe counts: on a lossy
+ * link old data trickles in while the call's own bytes are stuck behind it.
+ * Sets *|next_at| (> |now_ms|) for FS_STALL_WAIT only. */
+fs_stall_verdict fs_policy_stall(uint64_t now_ms, uint64_t sent_ms, uint64_t deadline_ms, uint64_t probe_ms,
+                                 uint64_t ping_ack_ms, uint64_t *next_at);
+
+/* --- which upstream connection takes a call --------------------------------- */
+
+typedef struct fs_upconn_view {
+  uint8_t closing;      /* being closed */
+  uint8_t ready;        /* its SETTINGS arrived */
+  uint8_t goaway;       /* the upstream said GOAWAY: no new streams */
+  uint32_t streams;     /* open streams */
+  uint32_t max_streams; /* the upstream's MAX_CONCURRENT_STREAMS */
+} fs_upconn_view;
+
+/* Chooses among |n| connections (|v|, in pool order) for a new call.
+ * Returns the index of the first ready connection below its stream limit;
+ * else sets *|should_connect| when none is connecting, fewer than
+ * |max_conns| are open (|n| counts every open one) and not |draining|, and
+ * returns -1 so the call waits for that connection; else, when every ready
+ * connection is full and no more may be opened, the least loaded one
+ * (nghttp2 queues the stream until one closes); -1 when there is none or one
+ * is still connecting. */
+int fs_policy_pick_upstream(const fs_upconn_view *v, size_t n, size_t max_conns, int draining, int *should_connect);
+
+/* --- keepalive ------------------------------------------------------------------ */
+
+/* The keepalive time for the next connections after the upstream said
+ * GOAWAY ENHANCE_YOUR_CALM "too_many_pings": doubled, as gRPC clients do,
+ * up to a day. */
+uint64_t fs_policy_keepalive_backoff(uint64_t time_ms);
+
+/* --- idle client connections --------------------------------------------------- */
+
+typedef enum {
+  FS_IDLE_STOP, /* calls are open (or no idle timeout): no timer */
+  FS_IDLE_ARM,  /* arm the timer for the idle timeout unless it runs already */
+  FS_IDLE_ASIS  /* not judged now (not yet ready, or closing) */
+} fs_idle_action;
+
+/* The idle timer of a client connection: |ready| once HTTP/2 runs (before,
+ * the handshake timer runs), |streams| open, |idle_ms| the timeout (0 =
+ * never). */
+fs_idle_action fs_policy_idle(int ready, int closing, uint32_t streams, uint64_t idle_ms);
+
+#endif

@@ -1,0 +1,177 @@
+/* Unit tests: the data path's decisions (policy.h). */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "policy.h"
+
+/* A held call ends before its own deadline, never after the hold limit. */
+static void hold_ends_before_the_call_deadline(void **state) {
+  (void)state;
+  assert_int_equal(fs_policy_hold_ms(20000, 0, 0), 20000);
+  assert_int_equal(fs_policy_hold_ms(20000, 1, 5000), 4800);   /* Flower's heartbeat deadline */
+  assert_int_equal(fs_policy_hold_ms(20000, 1, 1000), 900);    /* 10% of a short deadline */
+  assert_int_equal(fs_policy_hold_ms(20000, 1, 60000), 20000); /* the hold is shorter */
+  assert_int_equal(fs_policy_hold_ms(20000, 1, 20100), 19900);
+  assert_int_equal(fs_policy_hold_ms(20000, 1, 5), 5);
+  assert_int_equal(fs_policy_hold_ms(20000, 1, 0), 1);
+  assert_int_equal(fs_policy_hold_ms(0, 0, 0), 1);
+}
+
+static fs_retry_facts retryable(void) {
+  fs_retry_facts f;
+  memset(&f, 0, sizeof(f));
+  f.replay_complete = 1;
+  f.client_present = 1;
+  f.method_repeatable = 1;
+  return f;
+}
+
+/* Each fact that makes a repeat unsafe forbids it on its own. */
+static void retry_only_when_provably_safe(void **state) {
+  fs_retry_facts f = retryable();
+  (void)state;
+  assert_true(fs_policy_may_retry(&f));
+  f.method_repeatable = 0; /* PushMessages on a lost connection: maybe processed */
+  assert_false(fs_policy_may_retry(&f));
+  f.refused = 1; /* REFUSED_STREAM: never processed, any method */
+  assert_true(fs_policy_may_retry(&f));
+#define FORBIDS(field, value)                                                                                          \
+  do {                                                                                                                 \
+    fs_retry_facts g = retryable();                                                                                    \
+    g.refused = 1;                                                                                                     \
+    g.field = value;                                                                                                   \
+    assert_false(fs_policy_may_retry(&g));                                                                             \
+  } while (0)
+  FORBIDS(replay_complete, 0);
+  FORBIDS(response_started, 1);
+  FORBIDS(trailers_sent, 1);
+  FORBIDS(finished, 1);
+  FORBIDS(client_present, 0);
+  FORBIDS(draining, 1);
+  FORBIDS(attempts, FS_POLICY_MAX_RETRIES);
+#undef FORBIDS
+  f = retryable();
+  f.attempts = FS_POLICY_MAX_RETRIES - 1;
+  assert_true(fs_policy_may_retry(&f));
+}
+
+static void stall_watch_needs_all_four(void **state) {
+  (void)state;
+  assert_true(fs_policy_stall_watched(1, 1, 0, 1));
+  assert_false(fs_policy_stall_watched(0, 1, 0, 1)); /* link role: off */
+  assert_false(fs_policy_stall_watched(1, 0, 0, 1)); /* no deadline */
+  assert_false(fs_policy_stall_watched(1, 1, 1, 1)); /* answered */
+  assert_false(fs_policy_stall_watched(1, 1, 0, 0)); /* side effects */
+}
+
+/* Flower's heartbeat: 5 s deadline, sent at t=1000. */
+static void stall_times_for_a_heartbeat(void **state) {
+  (void)state;
+  assert_int_equal(fs_policy_stall_check_at(1000, 6000), 1000 + 4800);
+  assert_int_equal(fs_policy_stall_probe_at(1000, 6000), 1000 + 2400);
+  /* A deadline already past: checked (and probed) at once. */
+  assert_int_equal(fs_policy_stall_check_at(1000, 900), 1001);
+  assert_int_equal(fs_policy_stall_probe_at(1000, 900), 1000);
+}
+
+static void stall_verdicts(void **state) {
+  uint64_t next = 0;
+  (void)state;
+  /* Before the probe time: wait for it. */
+  assert_int_equal(fs_policy_stall(2000, 1000, 6000, 0, 0, &next), FS_STALL_WAIT);
+  assert_int_equal(next, 3400);
+  /* Probe time: PING now. */
+  assert_int_equal(fs_policy_stall(3400, 1000, 6000, 0, 0, &next), FS_STALL_PROBE);
+  /* Probed: wait for the check time. */
+  assert_int_equal(fs_policy_stall(3400, 1000, 6000, 3400, 0, &next), FS_STALL_WAIT);
+  assert_int_equal(next, 5800);
+  /* Check time, no ACK since the probe (an older ACK does not count). */
+  assert_int_equal(fs_policy_stall(5800, 1000, 6000, 3400, 3399, &next), FS_STALL_FAIL);
+  /* Check time, ACK after the probe: alive, a slow server. */
+  assert_int_equal(fs_policy_stall(5800, 1000, 6000, 3400, 3500, &next), FS_STALL_ALIVE);
+  assert_int_equal(fs_policy_stall(5800, 1000, 6000, 3400, 3400, &next), FS_STALL_ALIVE);
+  /* Looked at only after the check time and never probed: probe first. */
+  assert_int_equal(fs_policy_stall(9000, 1000, 6000, 0, 0, &next), FS_STALL_PROBE);
+}
+
+static fs_upconn_view up(int ready, int goaway, uint32_t streams, uint32_t max) {
+  fs_upconn_view v;
+  memset(&v, 0, sizeof(v));
+  v.ready = (uint8_t)ready;
+  v.goaway = (uint8_t)goaway;
+  v.streams = streams;
+  v.max_streams = max;
+  return v;
+}
+
+static void upstream_choice(void **state) {
+  fs_upconn_view v[4] = {{0}};
+  int sc = -1;
+  (void)state;
+  /* None: connect. */
+  assert_int_equal(fs_policy_pick_upstream(v, 0, 8, 0, &sc), -1);
+  assert_int_equal(sc, 1);
+  /* None, draining: never connect. */
+  assert_int_equal(fs_policy_pick_upstream(v, 0, 8, 1, &sc), -1);
+  assert_int_equal(sc, 0);
+  /* The first with room wins. */
+  v[0] = up(1, 0, 100, 100);
+  v[1] = up(1, 0, 3, 100);
+  v[2] = up(1, 0, 0, 100);
+  assert_int_equal(fs_policy_pick_upstream(v, 3, 8, 0, &sc), 1);
+  assert_int_equal(sc, 0);
+  /* GOAWAY and closing connections take nothing. */
+  v[1].goaway = 1;
+  v[2].closing = 1;
+  assert_int_equal(fs_policy_pick_upstream(v, 3, 8, 0, &sc), -1);
+  assert_int_equal(sc, 1); /* all full: open another */
+  /* All full and at the limit: the least loaded, nghttp2 queues the stream. */
+  v[0].streams = 130;
+  v[1] = up(1, 0, 120, 100);
+  v[2] = up(1, 0, 101, 100);
+  assert_int_equal(fs_policy_pick_upstream(v, 3, 3, 0, &sc), 2);
+  assert_int_equal(sc, 0);
+  /* One still connecting: wait for it rather than pile on a full one. */
+  v[3] = up(0, 0, 0, 0);
+  assert_int_equal(fs_policy_pick_upstream(v, 4, 8, 0, &sc), -1);
+  assert_int_equal(sc, 0);
+  /* ... but a ready one with room is used meanwhile. */
+  v[1].streams = 99;
+  assert_int_equal(fs_policy_pick_upstream(v, 4, 8, 0, &sc), 1);
+}
+
+static void keepalive_doubles_up_to_a_day(void **state) {
+  (void)state;
+  assert_int_equal(fs_policy_keepalive_backoff(30000), 60000);
+  assert_int_equal(fs_policy_keepalive_backoff(43200000), 86400000);
+  assert_int_equal(fs_policy_keepalive_backoff(50000000), 86400000);
+  assert_int_equal(fs_policy_keepalive_backoff(86400000), 86400000);
+  assert_int_equal(fs_policy_keepalive_backoff(UINT64_MAX), 86400000);
+}
+
+static void idle_timer(void **state) {
+  (void)state;
+  assert_int_equal(fs_policy_idle(1, 0, 0, 3600000), FS_IDLE_ARM);
+  assert_int_equal(fs_policy_idle(1, 0, 1, 3600000), FS_IDLE_STOP);
+  assert_int_equal(fs_policy_idle(1, 0, 0, 0), FS_IDLE_STOP);       /* --idle-timeout 0 */
+  assert_int_equal(fs_policy_idle(0, 0, 0, 3600000), FS_IDLE_ASIS); /* handshake timer runs */
+  assert_int_equal(fs_policy_idle(1, 1, 0, 3600000), FS_IDLE_ASIS);
+}
+
+int main(void) {
+  const struct CMUnitTest tests[] = {
+      cmocka_unit_test(hold_ends_before_the_call_deadline),
+      cmocka_unit_test(retry_only_when_provably_safe),
+      cmocka_unit_test(stall_watch_needs_all_four),
+      cmocka_unit_test(stall_times_for_a_heartbeat),
+      cmocka_unit_test(stall_verdicts),
+      cmocka_unit_test(upstream_choice),
+      cmocka_unit_test(keepalive_doubles_up_to_a_day),
+      cmocka_unit_test(idle_timer),
+  };
+  return cmocka_run_group_tests(tests, NULL, NULL);
+}
