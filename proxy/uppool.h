@@ -1,0 +1,67 @@
+/*
+ * uppool: the upstream side (nghttpx's Http2Session, ConnectBlocker and
+ * DownstreamQueue in one small room): a pool of HTTP/2 connections to the
+ * one upstream, opened on demand up to --upstream-conns, re-opened with
+ * backoff when lost; the hold queue of calls waiting for a connection; the
+ * upstream legs of calls (request out, response and trailers back); safe
+ * repeats; keepalive PINGs and the stall probe.  Every decision is taken
+ * by policy.h; this file gathers the facts and carries them out.
+ *
+ * One pool per process (the proxy has one upstream).
+ */
+#ifndef FS_UPPOOL_H
+#define FS_UPPOOL_H
+
+#include <openssl/ssl.h>
+#include <stddef.h>
+
+#include "call.h"
+
+/* What differs between the roles, decided by their owner (proxy.c). */
+typedef struct fs_uppool_options {
+  /* Client TLS for upstream connections, NULL for h2c.  The pool frees it. */
+  SSL_CTX *tls;
+  /* PING the upstream while calls are open (keepalive_time_s/timeout_s of
+   * the configuration, gRFC A8), and give its sockets TCP_USER_TIMEOUT. */
+  int keepalive;
+  /* Calls with a deadline that are safe to end UNAVAILABLE probe their
+   * connection with a PING when they stall (policy.h). */
+  int stall_probe;
+  /* Runs when fs_uppool_up() changes. */
+  void (*on_state_change)(void);
+  /* Runs when the pool may have become idle (see fs_uppool_idle()). */
+  void (*on_maybe_idle)(void);
+} fs_uppool_options;
+
+/* Sets the pool up for fs_env.cfg->upstream and starts the first
+ * connection attempt.  Returns 0, or -1 with a one-line reason in |err|
+ * (nothing to undo then). */
+int fs_uppool_start(const fs_uppool_options *o, char *err, size_t errlen);
+
+/* A call's request headers are complete: reads its deadline, then sends it
+ * on a connection that can take it, or holds it (node role) or fails it
+ * UNAVAILABLE when none can be had. */
+void fs_uppool_route(fs_call *c);
+
+/* Nonzero while an upstream connection is established (SETTINGS arrived). */
+int fs_uppool_up(void);
+
+/* Why the upstream is not connected (last connect or connection error). */
+const char *fs_uppool_error(void);
+
+/* Draining: no more reconnects. */
+void fs_uppool_drain(void);
+
+/* Closes every connection (their calls end); fs_uppool_idle() becomes true
+ * once they are freed and no name lookup runs. */
+void fs_uppool_close_all(void);
+
+/* Nonzero when no connection exists and no name lookup runs.  While a
+ * lookup runs this cancels it (on_maybe_idle follows). */
+int fs_uppool_idle(void);
+
+/* Ends every held call, closes the timers and frees the callbacks and the
+ * TLS context.  Call once, when idle. */
+void fs_uppool_stop(void);
+
+#endif
