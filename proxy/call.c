@@ -77,7 +77,6 @@ fs_call *fs_call_new(void) {
   fs_bufq_init(&c->replay, fs_env.cfg->retry_buffer);
   c->replay_on = fs_env.cfg->retry_buffer > 0;
   c->t_start = fs_now_ms();
-  fs_env.stats.calls_total++;
   return c;
 }
 
@@ -159,7 +158,7 @@ void fs_call_detach_keep(fs_call *c, int side) {
   fs_list_remove(&c->leg[side].node);
   /* The stream may be gone already (closing it is why we are here): then
    * nothing points at the call any more, which is all this is for. */
-  if (!pc->h2.closing && nghttp2_session_find_stream(pc->h2.session, c->leg[side].sid))
+  if (!pc->h2.closing && pc->h2.session && nghttp2_session_find_stream(pc->h2.session, c->leg[side].sid))
     (void)nghttp2_session_set_stream_user_data(pc->h2.session, c->leg[side].sid, NULL);
   c->leg[side].conn = NULL;
   pc->nstreams--;
@@ -415,7 +414,6 @@ void fs_call_method(const fs_call *c, char *out, size_t len) {
 void fs_call_log_error(fs_call *c, int status, const char *msg, size_t msglen) {
   fs_event ev;
   char method[256];
-  fs_env.stats.calls_failed++;
   if (!fs_ev_begin(&ev, FS_LOG_WARN, "rpc.error")) return;
   fs_call_method(c, method, sizeof(method));
   fs_ev_str(&ev, "method", method);

@@ -212,7 +212,7 @@ static int conn_ready(fs_h2conn *h) {
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, cfg->max_header_list_size},
   };
   fs_h2conn_set_timer(h, 0);
-  if (nghttp2_session_server_new3(&h->session, D.cbs, d, D.opt, fs_h2mem()) != 0 ||
+  if (fs_h2conn_session_new(h, 1, D.cbs, D.opt) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 3) != 0 ||
       nghttp2_session_set_local_window_size(h->session, NGHTTP2_FLAG_NONE, 0, (int32_t)cfg->conn_window) != 0) {
     snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");

@@ -9,6 +9,8 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "h2mem.h"
+
 #include "tls.h"
 
 static uv_loop_t *g_loop;
@@ -514,4 +516,11 @@ void fs_h2conn_close(fs_h2conn *c, const char *reason) {
   if (c->connected) uv_read_stop((uv_stream_t *)&c->tcp);
   uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
   uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+}
+
+int fs_h2conn_session_new(fs_h2conn *c, int server, const nghttp2_session_callbacks *cbs, const nghttp2_option *opt) {
+  int rv = server ? nghttp2_session_server_new3(&c->session, cbs, c, opt, fs_h2mem())
+                  : nghttp2_session_client_new3(&c->session, cbs, c, opt, fs_h2mem());
+  if (rv != 0) c->session = NULL;
+  return rv;
 }

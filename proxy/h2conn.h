@@ -54,7 +54,7 @@ typedef struct fs_h2conn_ops {
 struct fs_h2conn {
   uv_tcp_t tcp;
   uv_timer_t timer;         /* the owner's: handshake, idle, connect, keepalive */
-  nghttp2_session *session; /* created by ops->on_ready */
+  nghttp2_session *session; /* fs_h2conn_session_new() in ops->on_ready; the connection deletes it */
   SSL *ssl;                 /* NULL for h2c */
   const fs_h2conn_ops *ops;
   fs_bufq outq;      /* bytes (ciphertext with TLS) for the socket */
@@ -81,6 +81,14 @@ void fs_h2conn_global_close(void);
 
 /* Initialises |c|'s handles on |loop|.  Returns 0 or a libuv error. */
 int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops);
+
+/* Creates |c|'s nghttp2 session (a server's when |server|, else a
+ * client's) with |cbs| and |opt| (NULL: nghttp2's defaults), |c| as its
+ * user data and the sidecar's allocator (h2mem.h).  Call it from
+ * ops->on_ready.  The connection owns the session from then on: it is
+ * deleted when both handles are closed, just before ops->on_freed, and by
+ * nobody else.  Returns 0, or NGHTTP2_ERR_NOMEM with c->session left NULL. */
+int fs_h2conn_session_new(fs_h2conn *c, int server, const nghttp2_session_callbacks *cbs, const nghttp2_option *opt);
 
 /* Starts the transport on a connected socket.  With |ctx| non-NULL, runs a
  * TLS handshake (server when |server|, else client sending SNI |sni| and

@@ -19,9 +19,8 @@
 
 typedef struct fs_proxy_stats {
   uint64_t conns_total, conns_current;
-  uint64_t calls_total, calls_failed;
   uint64_t tls_failures;
-  uint64_t upstream_connects, upstream_failures;
+  uint64_t upstream_connects;
   uint64_t calls_held;        /* waited for an upstream connection */
   uint64_t calls_failed_down; /* ended UNAVAILABLE: upstream unreachable or lost */
   uint64_t retries;           /* calls repeated by the sidecar */

@@ -212,13 +212,12 @@ static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *u
 /* --- connections ------------------------------------------------------------------- */
 
 static int conn_ready(fs_h2conn *h) {
-  fs_upconn *u = upconn_of(h);
   nghttp2_settings_entry iv[] = {
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, fs_env.cfg->stream_window},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, fs_env.cfg->max_header_list_size},
   };
-  if (nghttp2_session_client_new3(&h->session, U.cbs, u, U.opt, fs_h2mem()) != 0 ||
+  if (fs_h2conn_session_new(h, 0, U.cbs, U.opt) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 3) != 0 ||
       /* Stream windows bound memory; the connection window only must not
        * get in the way (see on_data_chunk). */
@@ -232,12 +231,10 @@ static int conn_ready(fs_h2conn *h) {
 
 static void conn_closing(fs_h2conn *h, const char *reason) {
   fs_upconn *u = upconn_of(h);
-  int was_ready = u->ready;
   if (!u->ready) U.nconnecting--;
   u->ready = 0;
   snprintf(U.error, sizeof(U.error), "%s", reason);
   fs_upcall_conn_lost(u, reason);
-  if (!was_ready) fs_env.stats.upstream_failures++;
 }
 
 static void conn_freed(fs_h2conn *h) {
