@@ -395,13 +395,18 @@ static int use_ca(SSL_CTX *ctx, const char *ca_pem) {
   return n > 0 ? 0 : -1;
 }
 
-/* Loads a flag's PEM value into |*pem|, with the error naming the flag. */
-static int load_setting(const char *value, const char *from, char **pem, const char **source, char *err,
+/* Loads a flag's PEM value into |*pem|, with the error naming the flag.
+ * The value of a |secret| setting (a private key) is shown only when it
+ * is a path: base64 of a key, even a malformed one, holds the key. */
+static int load_setting(const char *value, const char *from, int secret, char **pem, const char **source, char *err,
                         size_t errlen) {
   char why[256];
   size_t len;
   if (fs_tls_read_pem(value, pem, &len, source, why, sizeof(why)) < 0) {
-    snprintf(err, errlen, "invalid %s: '%.200s' (%s)", from, value, why);
+    if (secret && value[0] != '/')
+      snprintf(err, errlen, "invalid %s: a %zu-character value (not shown: it may hold a private key) that is %s", from,
+               strlen(value), why);
+    else snprintf(err, errlen, "invalid %s: '%.200s' (%s)", from, value, why);
     return -1;
   }
   return 0;
@@ -422,8 +427,8 @@ SSL_CTX *fs_tls_server_ctx(const fs_config *cfg, char *err, size_t errlen) {
   SSL_CTX_set_num_tickets(ctx, 0);
   SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
   if (cfg->tls_cert) {
-    if (load_setting(cfg->tls_cert, cfg->tls_cert_from, &cert, &cert_src, err, errlen) ||
-        load_setting(cfg->tls_key, cfg->tls_key_from, &key, &key_src, err, errlen))
+    if (load_setting(cfg->tls_cert, cfg->tls_cert_from, 0, &cert, &cert_src, err, errlen) ||
+        load_setting(cfg->tls_key, cfg->tls_key_from, 1, &key, &key_src, err, errlen))
       goto fail;
   } else {
     size_t len;
@@ -440,7 +445,7 @@ SSL_CTX *fs_tls_server_ctx(const fs_config *cfg, char *err, size_t errlen) {
     }
   }
   if (cfg->tls_ca) {
-    if (load_setting(cfg->tls_ca, cfg->tls_ca_from, &ca, &ca_src, err, errlen)) goto fail;
+    if (load_setting(cfg->tls_ca, cfg->tls_ca_from, 0, &ca, &ca_src, err, errlen)) goto fail;
     if (use_ca(ctx, ca) < 0) {
       snprintf(err, errlen, "invalid %s: no PEM certificate in it", cfg->tls_ca_from);
       goto fail;
@@ -483,7 +488,7 @@ SSL_CTX *fs_tls_client_ctx(const fs_config *cfg, char *err, size_t errlen) {
   SSL_CTX_set_alpn_protos(ctx, alpn, sizeof(alpn));
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
   if (cfg->tls_ca) {
-    if (load_setting(cfg->tls_ca, cfg->tls_ca_from, &ca, &src, err, errlen)) goto fail;
+    if (load_setting(cfg->tls_ca, cfg->tls_ca_from, 0, &ca, &src, err, errlen)) goto fail;
     if (use_ca(ctx, ca) < 0) {
       snprintf(err, errlen, "invalid %s: no PEM certificate in it", cfg->tls_ca_from);
       goto fail;
@@ -493,8 +498,8 @@ SSL_CTX *fs_tls_client_ctx(const fs_config *cfg, char *err, size_t errlen) {
     goto fail;
   }
   if (cfg->tls_cert) {
-    if (load_setting(cfg->tls_cert, cfg->tls_cert_from, &cert, &src, err, errlen) ||
-        load_setting(cfg->tls_key, cfg->tls_key_from, &key, &src, err, errlen))
+    if (load_setting(cfg->tls_cert, cfg->tls_cert_from, 0, &cert, &src, err, errlen) ||
+        load_setting(cfg->tls_key, cfg->tls_key_from, 1, &key, &src, err, errlen))
       goto fail;
     if (use_pem_pair(ctx, cert, key, err, errlen) < 0) goto fail;
   }
