@@ -117,7 +117,7 @@ void fs_config_usage(void) {
         "  --tls-server-name NAME        node: name to verify the upstream certificate against\n"
         "Limits (sizes in bytes, K/M/G suffixes allowed; times in seconds):\n"
         "  --max-concurrent-streams N    per downstream connection (1000)\n"
-        "  --max-header-list-size N      request/response header block size (16384)\n"
+        "  --max-header-list-size N      request/response header block size (8192)\n"
         "  --max-message-size N          largest gRPC message either way (2147483647)\n"
         "  --stream-window N             bytes buffered per stream and direction (262144)\n"
         "  --conn-window N               bytes buffered per downstream connection (1048576)\n"
@@ -384,7 +384,7 @@ static void set_defaults(fs_config *c) {
   c->idle_timeout_s = 3600;
   c->drain_timeout_s = 10;
   c->max_concurrent_streams = 1000;
-  c->max_header_list_size = 16384;
+  c->max_header_list_size = 8192;
   c->max_message_size = 2147483647u;
   c->stream_window = 256 * 1024;
   c->conn_window = 1024 * 1024;

@@ -40,6 +40,22 @@ static void submit(fs_call *c, fs_upconn *u) {
         nv[i].valuelen = len;
       }
   }
+  {
+    /* What goes upstream must fit the upstream's header list limit as well
+     * as ours: a request above it would make a gRPC server end the whole
+     * shared connection (every client's calls), not just this call. */
+    uint32_t theirs = nghttp2_session_get_remote_settings(u->pc.h2.session, NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE);
+    uint32_t limit = theirs < fs_env.cfg->max_header_list_size ? theirs : fs_env.cfg->max_header_list_size;
+    size_t i, size = 0;
+    for (i = 0; i < n; i++) size += nv[i].namelen + nv[i].valuelen + 32;
+    if (size > limit) {
+      fs_call_fail(c, FS_GRPC_RESOURCE_EXHAUSTED,
+                   "flower-sidecar: request headers (%zu bytes) exceed the upstream's limit of %u bytes "
+                   "(--max-header-list-size %u)",
+                   size, limit, fs_env.cfg->max_header_list_size);
+      return;
+    }
+  }
   no_body = c->fl[FS_DOWN].eof && c->fl[FS_DOWN].data.len == 0 && !c->fl[FS_DOWN].trailers.n;
   sid = nghttp2_submit_request(u->pc.h2.session, NULL, nv, n, no_body ? NULL : &prd, c);
   if (!c->replay_on) fs_hdrs_clear(&c->head[FS_DOWN]); /* else kept to repeat the call */

@@ -339,3 +339,27 @@ def test_client_process_killed_cancels_upstream_call(link, echo, tmp_path):
         procs.stop(client)
     ev = link.events.wait("conn.close")
     assert ev["rpcs"] == 1, ev
+
+
+def test_an_oversized_header_fails_alone(link, echo):
+    """One client's request with a header near grpcio's 8 KiB metadata limit
+    must end alone: a gRPC server that receives it ends the whole shared
+    upstream connection, failing every other client's calls with
+    RESOURCE_EXHAUSTED, which Flower does not retry.  Sizes sweep across the
+    limit while five calls are in flight on the same upstream connection;
+    each request either passes or ends with the sidecar's own message, and
+    the calls in flight all succeed."""
+    ch = link.channel()
+    other = link.channel()
+    in_flight = [other.unary_unary("/test.Echo/Sleep").future(b"3", timeout=20) for _ in range(5)]
+    wait_for(lambda: echo.count("Sleep") >= 5, 10 * SLOW, "the calls in flight to reach the upstream")
+    refused = 0
+    for size in range(7500, 8400, 25):
+        try:
+            assert unary(ch, "Unary", b"x", metadata=[("x-big", "v" * size)], timeout=10) == b"x"
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (size, e.code(), e.details())
+            assert e.details().startswith("flower-sidecar:") and "--max-header-list-size" in e.details(), e.details()
+            refused += 1
+    assert refused > 0, "no request was large enough to be refused: the sweep misses the limit"
+    assert [f.result() for f in in_flight] == [b"slept"] * 5
