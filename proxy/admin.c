@@ -428,7 +428,8 @@ static void a_raw(fs_h2conn *h, const uint8_t *data, size_t len) {
   if (strstr(c->head, "\r\n\r\n") || strstr(c->head, "\n\n")) http_request(c);
 }
 
-static const fs_h2conn_ops admin_ops = {a_ready, NULL, a_closing, a_freed, a_timer, a_raw};
+static const fs_h2conn_ops admin_ops = {
+    .on_ready = a_ready, .on_closing = a_closing, .on_freed = a_freed, .on_timer = a_timer, .on_raw = a_raw};
 
 static void on_accept(uv_stream_t *server, int status) {
   aconn *c;

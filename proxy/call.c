@@ -202,6 +202,11 @@ void fs_call_rst(fs_call *c, int side, uint32_t code) {
   fs_pconn *pc = c->leg[side].conn;
   int rv;
   if (!pc || pc->h2.closing) return;
+  if (c->leg[side].sid == 0) { /* never submitted: nothing to reset */
+    fs_list_remove(&c->qnode);
+    fs_call_detach_keep(c, side);
+    return;
+  }
   rv = nghttp2_submit_rst_stream(pc->h2.session, NGHTTP2_FLAG_NONE, c->leg[side].sid, code);
   if (rv != 0) {
     fs_pconn_broken(pc, "resetting a stream", rv);

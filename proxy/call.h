@@ -62,8 +62,8 @@ typedef struct fs_flow {
 } fs_flow;
 
 typedef struct fs_leg {
-  fs_pconn *conn; /* NULL: detached */
-  int32_t sid;
+  fs_pconn *conn;    /* NULL: detached */
+  int32_t sid;       /* 0 on an upstream leg whose request is not submitted yet (upcall.c) */
   fs_list_node node; /* in conn->calls */
 } fs_leg;
 
@@ -78,7 +78,8 @@ struct fs_call {
   uint8_t method;      /* fs_fleet_method */
   uint8_t ended;       /* fs_call_end() ran */
   uint64_t t_start;
-  fs_list_node qnode;   /* waiting for an upstream connection (uppool's hold queue) */
+  fs_list_node qnode;   /* waiting: in the hold queue (no connection yet), or in its upstream connection's
+                           unsent list (leg[FS_UP] attached with sid 0 until the connection's flush) */
   uint64_t hold_until;  /* queued: wait for an upstream until then; 0 = fail when none can be had */
   uint64_t deadline;    /* the client's own (grpc-timeout), 0: none */
   uint64_t t_sent;      /* when the current attempt went upstream */
@@ -171,7 +172,8 @@ void fs_call_rst(fs_call *c, int side, uint32_t code);
 
 /* Cancels the upstream stream.  The leg stays attached until nghttp2 closes
  * the stream: until then a DATA frame of it may still be in flight inside
- * the session, pointing at this call. */
+ * the session, pointing at this call.  A request not submitted yet (sid 0)
+ * never reaches the session: its leg is detached at once. */
 void fs_call_cancel_up(fs_call *c, uint32_t code);
 
 /* The data provider for leg |sink|: it sends fl[!sink], then its trailers. */

@@ -279,7 +279,11 @@ static void conn_timer(fs_h2conn *h) {
   }
 }
 
-static const fs_h2conn_ops conn_ops = {conn_ready, conn_tls_fail, conn_closing, conn_freed, conn_timer, NULL};
+static const fs_h2conn_ops conn_ops = {.on_ready = conn_ready,
+                                       .on_tls_fail = conn_tls_fail,
+                                       .on_closing = conn_closing,
+                                       .on_freed = conn_freed,
+                                       .on_timer = conn_timer};
 
 static void peer_name(uv_tcp_t *t, char *out, size_t len) {
   struct sockaddr_storage ss;

@@ -213,6 +213,10 @@ static void start_write(fs_h2conn *c) {
 
 static void flush(fs_h2conn *c) {
   int pass;
+  if (c->ops->on_flush && c->session && c->tls_ready) {
+    c->ops->on_flush(c);
+    if (c->closing) return;
+  }
   /* nghttp2 stops at the output high-water mark; when the socket then takes
    * everything at once, nothing else would wake this connection: go on while
    * there is progress and more to send. */

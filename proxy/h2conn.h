@@ -49,6 +49,10 @@ typedef struct fs_h2conn_ops {
    * fs_h2conn_close_after_flush(), or switch to HTTP/2 with
    * fs_h2conn_begin_h2().  Lets one port speak HTTP/1.1 and h2c. */
   void (*on_raw)(fs_h2conn *c, const uint8_t *data, size_t len);
+  /* Optional: the connection is about to write (its flush, once per loop
+   * pass it was marked, outside any nghttp2 callback): the owner submits
+   * what it deferred until now. */
+  void (*on_flush)(fs_h2conn *c);
 } fs_h2conn_ops;
 
 struct fs_h2conn {

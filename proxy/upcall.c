@@ -22,6 +22,7 @@ static int stall_watched(const fs_call *c) {
                                      fs_fleet_repeatable((fs_fleet_method)c->method));
 }
 
+/* Sends the call's request on |u| (from its flush: fs_upcall_flush). */
 static void submit(fs_call *c, fs_upconn *u) {
   nghttp2_data_provider prd = fs_call_provider(c, FS_UP);
   nghttp2_nv nv[fs_hdrs_count(&c->head[FS_DOWN]) + 1];
@@ -64,7 +65,7 @@ static void submit(fs_call *c, fs_upconn *u) {
                  nghttp2_strerror(sid));
     return;
   }
-  fs_call_attach(c, FS_UP, &u->pc, sid);
+  c->leg[FS_UP].sid = sid;
   c->t_sent = now;
   c->probe_ms = 0;
   c->stall_done = 0;
@@ -72,6 +73,23 @@ static void submit(fs_call *c, fs_upconn *u) {
   if (stall_watched(c)) { /* look at it halfway to its deadline (conn_timer) */
     uint64_t due = fs_policy_stall_probe_at(c->t_sent, c->deadline);
     fs_upconn_timer_within(u, due > now ? due - now : 1);
+  }
+}
+
+/* Gives the call to |u|: its request is submitted at |u|'s flush, so a
+ * client that resets it before then never reaches the upstream. */
+static void give(fs_call *c, fs_upconn *u) {
+  fs_call_attach(c, FS_UP, &u->pc, 0);
+  fs_list_push_back(&u->unsent, &c->qnode);
+  fs_h2conn_mark(&u->pc.h2);
+}
+
+void fs_upcall_flush(fs_upconn *u) {
+  fs_list_node *n;
+  while ((n = fs_list_first(&u->unsent))) {
+    fs_call *c = fs_list_entry(n, fs_call, qnode);
+    fs_list_remove(n);
+    submit(c, u);
   }
 }
 
@@ -88,7 +106,7 @@ static void route(fs_call *c) {
   int should_connect = 0;
   fs_upconn *u = fs_uppool_pick(&should_connect);
   if (u) {
-    submit(c, u);
+    give(c, u);
     return;
   }
   fs_list_push_back(&Q.queue, &c->qnode);
@@ -139,7 +157,7 @@ void fs_upcall_dispatch(void) {
       return;
     }
     fs_list_remove(&c->qnode);
-    submit(c, u);
+    give(c, u);
   }
 }
 
@@ -303,7 +321,7 @@ uint64_t fs_upcall_check_stalled(fs_upconn *u, uint64_t next) {
   fs_list_for_each_safe(n, tmp, &u->pc.calls) {
     fs_call *c = fs_list_entry(n, fs_call, leg[FS_UP].node);
     fs_stall_verdict v;
-    if (!stall_watched(c) || c->finished || c->stall_done) continue;
+    if (!stall_watched(c) || c->finished || c->stall_done || c->leg[FS_UP].sid == 0) continue;
     v = fs_policy_stall(now, c->t_sent, c->deadline, c->probe_ms, u->ping_ack_ms, &at);
     if (v == FS_STALL_PROBE) {
       c->probe_ms = now;
@@ -348,6 +366,12 @@ void fs_upcall_conn_lost(fs_upconn *u, const char *reason) {
   fs_list_node *n;
   while ((n = fs_list_first(&u->pc.calls))) {
     fs_call *c = fs_list_entry(n, fs_call, leg[FS_UP].node);
+    if (c->leg[FS_UP].sid == 0) { /* given to it but never sent: another connection takes it */
+      fs_list_remove(&c->qnode);
+      fs_call_detach_keep(c, FS_UP);
+      route(c);
+      continue;
+    }
     if (!c->fl[FS_UP].eof && may_retry(c, 0)) { /* side-effect free: repeat it */
       char why[200];
       fs_call_detach_keep(c, FS_UP);

@@ -20,7 +20,8 @@ typedef struct fs_upconn {
   uint64_t ping_t0;     /* when our outstanding PING was sent (µs), for its round trip; 0: none */
   uint64_t ping_ack_ms; /* when the last PING ACK arrived (loop clock); 0: never */
   uv_connect_t creq;
-  fs_list_node node; /* in the pool */
+  fs_list_node node;   /* in the pool */
+  fs_list_node unsent; /* fs_call.qnode: calls given to this connection, submitted at its flush */
 } fs_upconn;
 
 /* --- uppool.c, for upcall.c ------------------------------------------------- */
@@ -78,6 +79,11 @@ void fs_upcall_fail_waiting(const char *why, int all);
 
 /* Nonzero when calls wait for a connection. */
 int fs_upcall_waiting(void);
+
+/* |u| is about to write: submits the calls given to it since its last
+ * flush.  A call whose client reset it meanwhile never reaches the
+ * upstream session (a rapid-reset flood costs the upstream nothing). */
+void fs_upcall_flush(fs_upconn *u);
 
 /* A HEADERS or DATA frame for one of |u|'s streams arrived. */
 void fs_upcall_frame_recv(nghttp2_session *s, const nghttp2_frame *frame);

@@ -129,7 +129,8 @@ static void on_closing(fs_h2conn *h, const char *reason) {
 static void on_freed(fs_h2conn *h) { free(h); }
 static void on_conn_timer(fs_h2conn *h) { (void)h; }
 
-static const fs_h2conn_ops ops = {on_ready, NULL, on_closing, on_freed, on_conn_timer, NULL};
+static const fs_h2conn_ops ops = {
+    .on_ready = on_ready, .on_closing = on_closing, .on_freed = on_freed, .on_timer = on_conn_timer};
 
 static void on_connected(uv_connect_t *req, int status) {
   uconn *c = req->data;

@@ -287,7 +287,13 @@ static void conn_timer(fs_h2conn *h) {
   fs_h2conn_set_timer(h, next);
 }
 
-static const fs_h2conn_ops conn_ops = {conn_ready, NULL, conn_closing, conn_freed, conn_timer, NULL};
+static void conn_flush(fs_h2conn *h) { fs_upcall_flush(upconn_of(h)); }
+
+static const fs_h2conn_ops conn_ops = {.on_ready = conn_ready,
+                                       .on_closing = conn_closing,
+                                       .on_freed = conn_freed,
+                                       .on_timer = conn_timer,
+                                       .on_flush = conn_flush};
 
 static void on_connected(uv_connect_t *req, int status) {
   fs_upconn *u = req->data;
@@ -318,6 +324,7 @@ static void connect_to(const struct sockaddr *sa) {
     return;
   }
   fs_pconn_init(&u->pc, FS_UP);
+  fs_list_init(&u->unsent);
   fs_list_push_front(&U.conns, &u->node);
   U.nconns++;
   U.nconnecting++;

@@ -1,0 +1,158 @@
+"""Hostile clients on the link role's public port (issue 13): one client,
+however it misbehaves, must not slow, starve or fail another client's calls.
+
+Each attack is bounded in count and time and sent with raw frames
+(h2raw.py) over real TLS to a real sidecar in front of the grpcio echo
+upstream; what is asserted is what a user relies on: legit calls on other
+connections keep succeeding within a stated latency, health keeps
+answering, and the sidecar's CPU stays bounded.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import struct
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+
+import h2raw
+from conftest import SLOW, unary
+
+PAGE = 4096
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time the process has used (/proc/PID/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100.0  # utime, stime in clock ticks (USER_HZ 100)
+
+
+def tls_h2(sc, ctx) -> ssl.SSLSocket:
+    """A TLS + HTTP/2 connection to the sidecar, preface and SETTINGS sent."""
+    raw = socket.create_connection(("127.0.0.1", sc.port), timeout=10)
+    s = ctx.wrap_socket(raw, server_hostname="localhost")
+    s.sendall(h2raw.PREFACE + h2raw.frame(h2raw.SETTINGS, 0, 0))
+    return s
+
+
+class LegitCaller:
+    """Unary calls on their own channel every |interval| s while running;
+    records each call's latency or failure."""
+
+    def __init__(self, channel: grpc.Channel, interval: float = 0.05):
+        self.channel, self.interval = channel, interval
+        self.latencies: list[float] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            try:
+                assert unary(self.channel, "Unary", b"legit", timeout=5) == b"legit"
+                self.latencies.append(time.monotonic() - t0)
+            except (grpc.RpcError, AssertionError) as e:
+                self.failures.append(repr(e)[:200])
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join(timeout=10)
+
+    def p99(self) -> float:
+        xs = sorted(self.latencies)
+        return xs[min(len(xs) - 1, int(len(xs) * 0.99))] if xs else float("inf")
+
+
+def healthz(sc) -> int:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{sc.admin_port}/healthz", timeout=2) as r:
+            return r.status
+    except Exception:  # noqa: BLE001 - any failure is "not answering"
+        return 0
+
+
+def rapid_reset_burst(streams: int) -> bytes:
+    """|streams| requests, each HEADERS (no END_STREAM: a body would follow)
+    followed at once by RST_STREAM(CANCEL): CVE-2023-44487."""
+    block = h2raw.hpack([(":method", "POST"), (":scheme", "https"), (":path", "/test.Echo/Sleep"),
+                         (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
+    cancel = struct.pack(">I", h2raw.CANCEL)
+    out = bytearray()
+    for i in range(streams):
+        sid = 1 + 2 * i
+        out += h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS, sid, block)
+        out += h2raw.frame(h2raw.RST_STREAM, 0, sid, cancel)
+    return bytes(out)
+
+
+# (connections, legit p99 bound in s).  With 100 connections one loop pass
+# still reads every connection's whole burst (about 0.7 s of work here):
+# reading in slices between which the loop serves others is not done yet
+# (issue 13), so that case is held to 2 s, not the 1 s target.
+@pytest.mark.parametrize("conns,p99_bound", [(40, 1.0), (100, 2.0)])
+def test_rapid_reset_does_not_reach_the_upstream_or_starve_others(conns, p99_bound, link, echo):
+    """40 or 100 pre-handshaked TLS connections each send 1000 HEADERS +
+    RST_STREAM pairs in one write (2.9 or 7.3 MB in all).  Before, every HEADERS was
+    submitted to the shared upstream session at once and each reset scanned
+    its queue of unsent requests: 12.5 s of CPU for this burst, legit calls
+    12.5 s late, /healthz failing (measured again at c782f2d, 40 x 1000: 7.8 s
+    of CPU, legit p99 2.7 s, one legit call failed).  Now a request is handed to the upstream
+    connection only at its flush, so a stream reset in the same read batch
+    never reaches it: the burst costs about a second of CPU, legit calls on
+    another connection stay fast and health answers throughout."""
+    per_conn = 1000
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=link.ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    socks = [tls_h2(link, ctx) for _ in range(conns)]
+    burst = rapid_reset_burst(per_conn)
+    before_sleep = echo.count("Sleep")
+    cpu0 = cpu_seconds(link.proc.pid)
+    health = []
+    with LegitCaller(link.channel()) as legit:
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        senders = [threading.Thread(target=s.sendall, args=(burst,), daemon=True) for s in socks]
+        for t in senders:
+            t.start()
+        for t in senders:
+            t.join(timeout=60)
+        # The sidecar is done with the burst when its CPU time stops growing.
+        last, idle_since = cpu_seconds(link.proc.pid), time.monotonic()
+        while time.monotonic() - t0 < 60:
+            health.append(healthz(link))
+            time.sleep(0.1)
+            now = cpu_seconds(link.proc.pid)
+            if now - last > 0.02:
+                last, idle_since = now, time.monotonic()
+            elif time.monotonic() - idle_since > 1.0:
+                break
+        busy = idle_since - t0
+        time.sleep(0.5)
+    cpu = cpu_seconds(link.proc.pid) - cpu0
+    for s in socks:
+        s.close()
+    reached = echo.count("Sleep") - before_sleep
+    print(f"rapid reset {conns} x {per_conn}: sidecar CPU {cpu:.2f} s, busy {busy:.2f} s, "
+          f"{reached} of {conns * per_conn} requests reached the upstream, legit calls {len(legit.latencies)} ok, "
+          f"{len(legit.failures)} failed, p99 {legit.p99() * 1000:.0f} ms")
+    assert len(legit.failures) <= 1, legit.failures[:3]
+    assert legit.p99() < p99_bound * SLOW, f"legit p99 {legit.p99():.3f} s"
+    assert all(h == 200 for h in health), f"/healthz answers during the burst: {health}"
+    assert cpu < 5.0 * SLOW, f"the burst cost {cpu:.2f} s of sidecar CPU"
+    # Streams reset in the same read as their HEADERS never go upstream; a
+    # read that splits a pair may let a few through.
+    assert reached < conns * per_conn // 10, f"{reached} cancelled requests reached the upstream"
+    assert unary(link.channel(), "Unary", b"after") == b"after"
