@@ -11,6 +11,24 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "ratelimit.h"
+
+/* Events a remote peer can cause at will (one per connection, call or
+ * reset): each kind writes at most FS_LOG_BURST lines at once, then
+ * FS_LOG_RATE a second; the next line written says how many were
+ * suppressed ("suppressed": N), so a flood cannot fill a disk or a log
+ * shipper, and nothing is lost silently. */
+static const char *const limited_kinds[] = {"rpc.error", "conn.open", "conn.close", "tls.fail", "fleet.undecoded"};
+#define NLIMITED (sizeof(limited_kinds) / sizeof(limited_kinds[0]))
+static fs_ratelimit limits[NLIMITED];
+static uint64_t suppressed_total;
+
+static uint64_t mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
 static struct {
   fs_log_format format;
   fs_log_level min_level;
@@ -29,6 +47,12 @@ void fs_log_init(fs_log_format format, fs_log_level min_level, const char *role,
   L.min_level = min_level;
   L.role = role;
   L.fd = fd;
+  {
+    size_t i;
+    uint64_t now = mono_ms();
+    for (i = 0; i < NLIMITED; i++) fs_ratelimit_init(&limits[i], FS_LOG_RATE, FS_LOG_BURST, now);
+    suppressed_total = 0;
+  }
   /* Pipes and sockets could block the loop when the reader stalls: make them
    * non-blocking and drop instead.  Regular files and ttys do not stall. */
   if (fstat(fd, &st) == 0 && (S_ISFIFO(st.st_mode) || S_ISSOCK(st.st_mode))) {
@@ -38,6 +62,8 @@ void fs_log_init(fs_log_format format, fs_log_level min_level, const char *role,
 }
 
 int fs_log_enabled(fs_log_level level) { return level >= L.min_level; }
+
+uint64_t fs_log_suppressed(void) { return suppressed_total; }
 
 uint64_t fs_log_dropped(void) { return L.dropped; }
 
@@ -128,7 +154,18 @@ static void put_timestamp(fs_event *ev) {
 }
 
 int fs_ev_begin(fs_event *ev, fs_log_level level, const char *name) {
+  fs_ratelimit *limit = NULL;
+  size_t i;
   if (level < L.min_level) return 0;
+  for (i = 0; i < NLIMITED; i++)
+    if (!strcmp(name, limited_kinds[i])) {
+      limit = &limits[i];
+      if (!fs_ratelimit_take(limit, mono_ms())) {
+        suppressed_total++;
+        return 0;
+      }
+      break;
+    }
   ev->len = 0;
   ev->truncated = 0;
   ev->level = level;
@@ -148,6 +185,10 @@ int fs_ev_begin(fs_event *ev, fs_log_level level, const char *name) {
     snprintf(lvl, sizeof(lvl), " %-5s ", level_names[level]);
     put(ev, lvl, strlen(lvl));
     fs_json_escape(ev->buf, 256, &ev->len, name, strlen(name));
+  }
+  if (limit) {
+    uint64_t n = fs_ratelimit_refused_take(limit);
+    if (n) fs_ev_u64(ev, "suppressed", n);
   }
   return 1;
 }

@@ -58,6 +58,14 @@ void fs_ev_bool(fs_event *ev, const char *key, int value);
 /* Writes the line.  Returns 0, or -1 when it was dropped. */
 int fs_ev_end(fs_event *ev);
 
+/* Rate limit of the events a remote peer can cause at will (rpc.error,
+ * conn.open, conn.close, tls.fail, fleet.undecoded), per kind. */
+#define FS_LOG_BURST 1000
+#define FS_LOG_RATE  100
+
+/* Lines of those kinds suppressed by their rate limit, since start. */
+uint64_t fs_log_suppressed(void);
+
 /* Lines dropped because the output could not take them, since start. */
 uint64_t fs_log_dropped(void);
 

@@ -131,6 +131,7 @@ int main(int argc, char **argv) {
   fs_fed_reset();
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.stop")) {
     fs_ev_u64(&ev, "dropped_lines", fs_log_dropped());
+    fs_ev_u64(&ev, "suppressed_lines", fs_log_suppressed());
     fs_ev_end(&ev);
   }
   uv_loop_close(loop);

@@ -2,6 +2,7 @@
 #include "metrics.h"
 
 #include "grpc.h"
+#include "log.h"
 
 #include <inttypes.h>
 #include <stdarg.h>
@@ -130,5 +131,9 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   put(&o, "flower_sidecar_health_serving %d\n", s->serving ? 1 : 0);
   head(&o, "event_lines_dropped_total", "counter", "Event lines dropped because the output could not keep up.");
   put(&o, "flower_sidecar_event_lines_dropped_total %" PRIu64 "\n", s->dropped_lines);
+  head(&o, "event_lines_suppressed_total", "counter",
+       "Event lines a peer could cause at will (rpc.error, conn.*, tls.fail, fleet.undecoded) held back by their rate "
+       "limit.");
+  put(&o, "flower_sidecar_event_lines_suppressed_total %" PRIu64 "\n", fs_log_suppressed());
   return o.full ? 0 : o.len;
 }

@@ -97,12 +97,8 @@ def rapid_reset_burst(streams: int) -> bytes:
     return bytes(out)
 
 
-# (connections, legit p99 bound in s).  With 100 connections one loop pass
-# still reads every connection's whole burst (about 0.7 s of work here):
-# reading in slices between which the loop serves others is not done yet
-# (issue 13), so that case is held to 2 s, not the 1 s target.
-@pytest.mark.parametrize("conns,p99_bound", [(40, 1.0), (100, 2.0)])
-def test_rapid_reset_does_not_reach_the_upstream_or_starve_others(conns, p99_bound, link, echo):
+@pytest.mark.parametrize("conns", [40, 100])
+def test_rapid_reset_does_not_reach_the_upstream_or_starve_others(conns, link, echo):
     """40 or 100 pre-handshaked TLS connections each send 1000 HEADERS +
     RST_STREAM pairs in one write (2.9 or 7.3 MB in all).  Before, every HEADERS was
     submitted to the shared upstream session at once and each reset scanned
@@ -110,8 +106,11 @@ def test_rapid_reset_does_not_reach_the_upstream_or_starve_others(conns, p99_bou
     12.5 s late, /healthz failing (measured again at c782f2d, 40 x 1000: 7.8 s
     of CPU, legit p99 2.7 s, one legit call failed).  Now a request is handed to the upstream
     connection only at its flush, so a stream reset in the same read batch
-    never reaches it: the burst costs about a second of CPU, legit calls on
-    another connection stay fast and health answers throughout."""
+    never reaches it, and rpc.error lines (one per reset stream) are rate
+    limited: the burst costs a fraction of a second of CPU (0.1-0.3 s here),
+    legit calls on another connection stay fast (p99 0.1-0.2 s) and health
+    answers throughout.  One loop pass still reads each connection's whole
+    burst: reading in slices is not done yet (issue 13)."""
     per_conn = 1000
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.load_verify_locations(cadata=link.ca_pem.decode())
@@ -119,6 +118,7 @@ def test_rapid_reset_does_not_reach_the_upstream_or_starve_others(conns, p99_bou
     socks = [tls_h2(link, ctx) for _ in range(conns)]
     burst = rapid_reset_burst(per_conn)
     before_sleep = echo.count("Sleep")
+    log0 = link.events.path.stat().st_size
     cpu0 = cpu_seconds(link.proc.pid)
     health = []
     with LegitCaller(link.channel()) as legit:
@@ -145,14 +145,20 @@ def test_rapid_reset_does_not_reach_the_upstream_or_starve_others(conns, p99_bou
     for s in socks:
         s.close()
     reached = echo.count("Sleep") - before_sleep
+    log_bytes = link.events.path.stat().st_size - log0
+    errors = [e for e in link.events.all() if e["event"] == "rpc.error"]
     print(f"rapid reset {conns} x {per_conn}: sidecar CPU {cpu:.2f} s, busy {busy:.2f} s, "
           f"{reached} of {conns * per_conn} requests reached the upstream, legit calls {len(legit.latencies)} ok, "
-          f"{len(legit.failures)} failed, p99 {legit.p99() * 1000:.0f} ms")
+          f"{len(legit.failures)} failed, p99 {legit.p99() * 1000:.0f} ms, event log +{log_bytes / 1e6:.2f} MB")
     assert len(legit.failures) <= 1, legit.failures[:3]
-    assert legit.p99() < p99_bound * SLOW, f"legit p99 {legit.p99():.3f} s"
+    assert legit.p99() < 1.0 * SLOW, f"legit p99 {legit.p99():.3f} s"
     assert all(h == 200 for h in health), f"/healthz answers during the burst: {health}"
     assert cpu < 5.0 * SLOW, f"the burst cost {cpu:.2f} s of sidecar CPU"
     # Streams reset in the same read as their HEADERS never go upstream; a
     # read that splits a pair may let a few through.
     assert reached < conns * per_conn // 10, f"{reached} cancelled requests reached the upstream"
+    # One rpc.error per reset stream would be 250 bytes x every stream: the
+    # kind is rate limited and says how much it held back.
+    assert len(errors) < 1000 + 100 * (busy + 5), f"{len(errors)} rpc.error lines"
+    assert log_bytes < 2_000_000, f"the burst wrote {log_bytes} bytes of events"
     assert unary(link.channel(), "Unary", b"after") == b"after"

@@ -123,8 +123,45 @@ static void full_output_drops_and_counts(void **state) {
   }
 }
 
+/* A kind a peer can cause at will (rpc.error) writes its burst, then is
+ * held back; the next line written says how many were suppressed.  Other
+ * kinds are never limited. */
+static void peer_caused_kinds_are_rate_limited(void **state) {
+  fs_event ev;
+  char drain[65536], line[FS_LOG_LINE_MAX + 1];
+  int i, written = 0;
+  (void)state;
+  fs_log_init(FS_LOG_JSON, FS_LOG_INFO, "link", fds[1]);
+  fcntl(fds[0], F_SETFL, O_NONBLOCK);
+  for (i = 0; i < FS_LOG_BURST + 500; i++) {
+    if (!fs_ev_begin(&ev, FS_LOG_WARN, "rpc.error")) continue;
+    written++;
+    fs_ev_end(&ev);
+    if (i % 64 == 0)
+      while (read(fds[0], drain, sizeof(drain)) > 0) {}
+  }
+  while (read(fds[0], drain, sizeof(drain)) > 0) {}
+  /* The clock may tick during the loop: a few refills at FS_LOG_RATE. */
+  assert_true(written >= FS_LOG_BURST && written < FS_LOG_BURST + 50);
+  assert_true(fs_log_suppressed() >= 450);
+  for (i = 0; i < FS_LOG_BURST + 500; i++) { /* node events are never limited */
+    assert_true(fs_ev_begin(&ev, FS_LOG_INFO, "node.register"));
+    fs_ev_end(&ev);
+    if (i % 64 == 0)
+      while (read(fds[0], drain, sizeof(drain)) > 0) {}
+  }
+  while (read(fds[0], drain, sizeof(drain)) > 0) {}
+  usleep(1000 * 1000 / FS_LOG_RATE * 2);
+  assert_true(fs_ev_begin(&ev, FS_LOG_WARN, "rpc.error"));
+  fs_ev_end(&ev);
+  fcntl(fds[0], F_SETFL, 0);
+  read_line(line, sizeof(line));
+  assert_non_null(strstr(line, ",\"suppressed\":"));
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
+      cmocka_unit_test(peer_caused_kinds_are_rate_limited),
       cmocka_unit_test(envelope_and_types),
       cmocka_unit_test(escaping),
       cmocka_unit_test(long_values_are_cut_and_marked),
