@@ -56,7 +56,8 @@ void fs_pconn_note_goaway(fs_pconn *pc, const nghttp2_frame *frame) {
 }
 
 void fs_pconn_note_sent_goaway(fs_pconn *pc, const nghttp2_frame *frame) {
-  if (frame->goaway.error_code == NGHTTP2_NO_ERROR) return;
+  /* A reason set before (ours, for ending the session) says more. */
+  if (frame->goaway.error_code == NGHTTP2_NO_ERROR || pc->h2.close_reason[0]) return;
   snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason), "protocol error: sent GOAWAY %s",
            nghttp2_http2_strerror(frame->goaway.error_code));
 }

@@ -92,6 +92,7 @@ struct fs_call {
   uint8_t attempts;     /* repeats made */
   uint8_t resp_started; /* response headers went to the client */
   uint8_t overflow;     /* a header block exceeded the limit */
+  uint32_t hdr_seen;    /* RFC 7541 size of the client's header blocks so far (abuse check) */
   uint8_t finished;     /* the final status is decided */
   uint8_t synth;        /* our own trailers end the response (synth_status, synth_msg) */
   int synth_status;
@@ -127,7 +128,8 @@ void fs_pconn_goaway(fs_pconn *pc, const char *reason);
  * connection's close reason, unless one is set already. */
 void fs_pconn_note_goaway(fs_pconn *pc, const nghttp2_frame *frame);
 
-/* Keeps a GOAWAY nghttp2 sent for a protocol violation as the close reason. */
+/* Keeps a GOAWAY nghttp2 sent for a protocol violation as the close reason,
+ * unless one is set already. */
 void fs_pconn_note_sent_goaway(fs_pconn *pc, const nghttp2_frame *frame);
 
 /* --- a call's life ---------------------------------------------------------------- */

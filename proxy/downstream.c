@@ -72,8 +72,23 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void
 static int on_header(nghttp2_session *s, const nghttp2_frame *frame, nghttp2_rcbuf *name, nghttp2_rcbuf *value,
                      uint8_t flags, void *ud) {
   fs_call *c = nghttp2_session_get_stream_user_data(s, frame->hd.stream_id);
-  (void)flags, (void)ud;
-  if (!c || frame->hd.type != NGHTTP2_HEADERS || c->overflow) return 0;
+  uint64_t seen;
+  (void)flags;
+  if (!c || frame->hd.type != NGHTTP2_HEADERS) return 0;
+  seen = (uint64_t)c->hdr_seen + nghttp2_rcbuf_get_buf(name).len + nghttp2_rcbuf_get_buf(value).len + 32;
+  c->hdr_seen = seen > UINT32_MAX ? UINT32_MAX : (uint32_t)seen;
+  if (fs_policy_header_abuse(seen, fs_env.cfg->max_header_list_size)) {
+    fs_pconn *pc = ud;
+    snprintf(pc->h2.close_reason, sizeof(pc->h2.close_reason),
+             "header abuse: a header block decoded to over %u bytes (--max-header-list-size %u x %d)",
+             fs_env.cfg->max_header_list_size * FS_POLICY_HEADER_ABUSE_FACTOR, fs_env.cfg->max_header_list_size,
+             FS_POLICY_HEADER_ABUSE_FACTOR);
+    /* GOAWAY ENHANCE_YOUR_CALM if it can still go out; decoding stops here
+     * either way (the callback failure ends nghttp2_session_mem_recv). */
+    (void)nghttp2_session_terminate_session(s, NGHTTP2_ENHANCE_YOUR_CALM);
+    return NGHTTP2_ERR_CALLBACK_FAILURE;
+  }
+  if (c->overflow) return 0;
   fs_call_recv_header(c, FS_DOWN, frame->headers.cat == NGHTTP2_HCAT_HEADERS, name, value);
   if (!c->path && !c->overflow) {
     nghttp2_vec k = nghttp2_rcbuf_get_buf(name);

@@ -295,6 +295,13 @@ static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf) {
 
 static void feed_h2(fs_h2conn *c, const uint8_t *p, size_t n) {
   ssize_t rv = nghttp2_session_mem_recv(c->session, p, n);
+  if (rv == NGHTTP2_ERR_CALLBACK_FAILURE && c->close_reason[0]) {
+    /* The owner ended the session on purpose (and said why): the GOAWAY it
+     * queued goes out, best effort, before the close. */
+    (void)nghttp2_session_send(c->session);
+    fs_h2conn_close(c, c->close_reason);
+    return;
+  }
   if (rv < 0) {
     char why[160];
     snprintf(why, sizeof(why), "%s",

@@ -59,6 +59,10 @@ int fs_policy_pick_upstream(const fs_upconn_view *v, size_t n, size_t max_conns,
   return *should_connect || connecting ? -1 : best;
 }
 
+int fs_policy_header_abuse(uint64_t decoded_bytes, uint32_t limit) {
+  return decoded_bytes > (uint64_t)limit * FS_POLICY_HEADER_ABUSE_FACTOR;
+}
+
 uint64_t fs_policy_keepalive_backoff(uint64_t time_ms) {
   const uint64_t day = 86400000;
   return time_ms < day / 2 ? time_ms * 2 : day;

@@ -99,6 +99,20 @@ typedef struct fs_upconn_view {
  * is still connecting. */
 int fs_policy_pick_upstream(const fs_upconn_view *v, size_t n, size_t max_conns, int draining, int *should_connect);
 
+/* --- abuse ----------------------------------------------------------------------- */
+
+/* A client's header block that decodes to more than this many times the
+ * header list limit is an attack, not a large request: HPACK lets 1-byte
+ * indexes repeat a 4 KB table entry, so decoding on costs the sidecar far
+ * more than the client's bytes. */
+#define FS_POLICY_HEADER_ABUSE_FACTOR 4
+
+/* Nonzero when |decoded_bytes| (RFC 7541 size of one block so far) makes
+ * the block abuse under |limit|: the connection is closed with
+ * ENHANCE_YOUR_CALM instead of decoding on.  Up to that, a block over the
+ * limit only ends its own call (RESOURCE_EXHAUSTED). */
+int fs_policy_header_abuse(uint64_t decoded_bytes, uint32_t limit);
+
 /* --- keepalive ------------------------------------------------------------------ */
 
 /* The keepalive time for the next connections after the upstream said

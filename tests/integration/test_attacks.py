@@ -21,7 +21,7 @@ import grpc
 import pytest
 
 import h2raw
-from conftest import SLOW, unary
+from conftest import SLOW, unary, wait_for
 
 PAGE = 4096
 
@@ -162,3 +162,52 @@ def test_rapid_reset_does_not_reach_the_upstream_or_starve_others(conns, link, e
     assert len(errors) < 1000 + 100 * (busy + 5), f"{len(errors)} rpc.error lines"
     assert log_bytes < 2_000_000, f"the burst wrote {log_bytes} bytes of events"
     assert unary(link.channel(), "Unary", b"after") == b"after"
+
+
+def hpack_amplification(frames: int) -> bytes:
+    """One 4 KB header entered in the HPACK dynamic table (literal with
+    incremental indexing), then |frames| HEADERS frames of 16 KB, each
+    referencing it with 1-byte indexes (0xBE: dynamic entry 62): every byte
+    the attacker sends makes the decoder produce and check 4 KB."""
+    base = [(":method", "POST"), (":scheme", "https"), (":path", "/test.Echo/Unary"),
+            (":authority", "localhost"), ("content-type", "application/grpc")]
+    big = b"\x40" + bytes([5]) + b"x-amp" + h2raw._hpack_int(4000, 7) + b"a" * 4000
+    out = bytearray()
+    for i in range(frames):
+        block = h2raw.hpack(base) + (big if i == 0 else b"")
+        block += b"\xbe" * (16000 - len(block))
+        out += h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS | h2raw.END_STREAM, 1 + 2 * i, block)
+    return bytes(out)
+
+
+def test_hpack_amplification_closes_the_connection(link):
+    """100 HEADERS frames of 16 KB (1.6 MB) whose 1-byte indexes repeat a 4 KB
+    table entry: 6.4 GB of decoded headers.  Decoding on past the header
+    list limit cost about 2.5 us per attacker byte (~400 KB/s saturated the
+    core).  A block that decodes to more than 4 x --max-header-list-size is
+    now abuse: the connection is closed (GOAWAY ENHANCE_YOUR_CALM) at the
+    first such block, legit calls on other connections stay fast."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=link.ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    s = tls_h2(link, ctx)
+    cpu0 = cpu_seconds(link.proc.pid)
+    with LegitCaller(link.channel()) as legit:
+        time.sleep(0.3)
+        try:
+            s.sendall(hpack_amplification(100))
+        except OSError:
+            pass  # closed by the sidecar mid-send: what we want
+        closed, got = h2raw.read_until_closed(s, 10 * SLOW)
+        time.sleep(0.5)
+    cpu = cpu_seconds(link.proc.pid) - cpu0
+    s.close()
+    goaways = [f for f in h2raw.frames_in(got) if f[0] == h2raw.GOAWAY]
+    print(f"hpack amplification 100 x 16 KB: sidecar CPU {cpu:.2f} s, closed {closed}, "
+          f"GOAWAY {[struct.unpack('>I', f[3][4:8])[0] for f in goaways]}, legit p99 {legit.p99() * 1000:.0f} ms")
+    assert closed, "the abusing connection is still open"
+    assert any(struct.unpack(">I", f[3][4:8])[0] == 0xB for f in goaways), "no GOAWAY ENHANCE_YOUR_CALM"
+    assert cpu < 1.0 * SLOW, f"the attack cost {cpu:.2f} s of sidecar CPU"
+    assert len(legit.failures) <= 1 and legit.p99() < 1.0 * SLOW, (legit.failures[:3], legit.p99())
+    wait_for(lambda: [e for e in link.events.all() if e["event"] == "conn.close" and "header abuse" in e["reason"]],
+             5 * SLOW, "conn.close saying why")

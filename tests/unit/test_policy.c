@@ -144,6 +144,15 @@ static void upstream_choice(void **state) {
   assert_int_equal(fs_policy_pick_upstream(v, 4, 8, 0, &sc), 1);
 }
 
+static void header_abuse_is_four_times_the_limit(void **state) {
+  (void)state;
+  assert_false(fs_policy_header_abuse(8192, 8192));
+  assert_false(fs_policy_header_abuse(20032, 8192)); /* one 20 KB header: the call fails, the connection lives */
+  assert_false(fs_policy_header_abuse(4 * 8192, 8192));
+  assert_true(fs_policy_header_abuse(4 * 8192 + 1, 8192));
+  assert_true(fs_policy_header_abuse(UINT64_MAX, UINT32_MAX));
+}
+
 static void keepalive_doubles_up_to_a_day(void **state) {
   (void)state;
   assert_int_equal(fs_policy_keepalive_backoff(30000), 60000);
@@ -170,6 +179,7 @@ int main(void) {
       cmocka_unit_test(stall_times_for_a_heartbeat),
       cmocka_unit_test(stall_verdicts),
       cmocka_unit_test(upstream_choice),
+      cmocka_unit_test(header_abuse_is_four_times_the_limit),
       cmocka_unit_test(keepalive_doubles_up_to_a_day),
       cmocka_unit_test(idle_timer),
   };
