@@ -371,8 +371,10 @@ static void http_request(aconn *c) {
                              0,
                              0,
                              0,
+                             0,
                              0};
     smp.n_runs = fs_fed_runs(runs);
+    smp.conns_refused = ps->conns_refused;
     smp.calls_held = ps->calls_held;
     smp.calls_failed_down = ps->calls_failed_down;
     smp.retries = ps->retries;

@@ -46,6 +46,7 @@ enum {
   OPT_STREAM_WINDOW,
   OPT_CONN_WINDOW,
   OPT_UPSTREAM_CONNS,
+  OPT_MAX_CONNECTIONS,
   OPT_HOLD_TIMEOUT,
   OPT_RETRY_BUFFER,
   OPT_UPSTREAM_HEALTH,
@@ -85,6 +86,7 @@ static const struct option long_opts[] = {{"listen", required_argument, 0, OPT_L
                                           {"stream-window", required_argument, 0, OPT_STREAM_WINDOW},
                                           {"conn-window", required_argument, 0, OPT_CONN_WINDOW},
                                           {"upstream-conns", required_argument, 0, OPT_UPSTREAM_CONNS},
+                                          {"max-connections", required_argument, 0, OPT_MAX_CONNECTIONS},
                                           {"hold-timeout", required_argument, 0, OPT_HOLD_TIMEOUT},
                                           {"upstream-health", required_argument, 0, OPT_UPSTREAM_HEALTH},
                                           {"retry-buffer", required_argument, 0, OPT_RETRY_BUFFER},
@@ -122,6 +124,8 @@ void fs_config_usage(void) {
         "  --stream-window N             bytes buffered per stream and direction (262144)\n"
         "  --conn-window N               bytes buffered per downstream connection (1048576)\n"
         "  --upstream-conns N            upstream HTTP/2 connections at most (link 8, node 1)\n"
+        "  --max-connections N           client connections at most; 0 = the open-file limit less 128 kept for\n"
+        "                                the admin port, upstream and logs (0)\n"
         "  --tls-handshake-timeout S     (10)\n"
         "  --idle-timeout S              close a downstream connection without calls for S; 0 = never (3600)\n"
         "  --connect-timeout S           upstream connect + HTTP/2 SETTINGS, per attempt (link 5, node 20)\n"
@@ -335,6 +339,10 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
   case OPT_CONN_WINDOW:
     return parse_size(v, 65535, 1u << 30, &c->conn_window) ? fail(err, errlen, what, v, "expected bytes in [64K, 1G]")
                                                            : 0;
+  case OPT_MAX_CONNECTIONS:
+    return parse_size(v, 0, 10000000, &c->max_connections)
+               ? fail(err, errlen, what, v, "expected a count in [0, 10000000]")
+               : 0;
   case OPT_UPSTREAM_CONNS:
     return parse_size(v, 1, 64, &c->upstream_conns_max) ? fail(err, errlen, what, v, "expected a count in [1, 64]") : 0;
   case OPT_HOLD_TIMEOUT: /* the SuperLink refuses requests signed more than ~300 s ago */

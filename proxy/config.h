@@ -54,8 +54,9 @@ typedef struct fs_config {
   uint32_t stream_window; /* bytes buffered per stream and direction, at most */
   uint32_t conn_window;   /* bytes buffered per downstream connection, at most */
   uint32_t upstream_conns_max;
-  double hold_timeout_s; /* wait-for-ready while the upstream is down; 0: fail at once */
-  uint32_t retry_buffer; /* request bytes kept per call to repeat it safely; 0: no retries */
+  uint32_t max_connections; /* client connections at most; 0: RLIMIT_NOFILE less a reserve (downstream.c) */
+  double hold_timeout_s;    /* wait-for-ready while the upstream is down; 0: fail at once */
+  uint32_t retry_buffer;    /* request bytes kept per call to repeat it safely; 0: no retries */
 } fs_config;
 
 /* Fills |cfg| from |argv| (argv[1] is the role) and the environment.

@@ -7,6 +7,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "call.h"
 #include "fleet.h"
@@ -18,6 +19,7 @@
 typedef struct downconn {
   fs_pconn pc;       /* first: a downconn* is an fs_pconn* and an fs_h2conn* */
   uint8_t opened;    /* HTTP/2 runs: counted in connections, conn.close logged */
+  uint8_t preface;   /* the client's preface and SETTINGS arrived */
   fs_list_node node; /* in D.conns */
 } downconn;
 
@@ -28,24 +30,33 @@ static struct {
   uint8_t listening;
   fs_list_node conns;
   unsigned nconns;
+  unsigned max_conns; /* --max-connections, or the open-file limit less FD_RESERVE */
   uv_timer_t drain_timer;
   nghttp2_session_callbacks *cbs;
   nghttp2_option *opt;
 } D;
 
+/* File descriptors kept for what must never starve: the admin port, the
+ * upstream connections, the event log, name lookups. */
+#define FD_RESERVE 128
+
 static downconn *downconn_of(void *p) { return (downconn *)p; }
+
+static uint64_t handshake_ms(void) { return (uint64_t)(fs_env.cfg->tls_handshake_timeout_s * 1000); }
 
 int fs_downstream_listening(void) { return D.listening; }
 unsigned fs_downstream_conns(void) { return D.nconns; }
 
 static void idle_timer_update(fs_pconn *pc) {
   fs_h2conn *h = &pc->h2;
-  switch (fs_policy_idle(h->tls_ready, h->closing, pc->nstreams, (uint64_t)(fs_env.cfg->idle_timeout_s * 1000))) {
+  uint64_t ms = 0;
+  switch (fs_policy_idle(h->tls_ready && downconn_of(pc)->preface, h->closing, pc->nstreams, pc->rpcs > 0,
+                         (uint64_t)(fs_env.cfg->idle_timeout_s * 1000), &ms)) {
   case FS_IDLE_STOP:
     fs_h2conn_set_timer(h, 0);
     break;
   case FS_IDLE_ARM:
-    if (!uv_is_active((uv_handle_t *)&h->timer)) fs_h2conn_set_timer(h, (uint64_t)(fs_env.cfg->idle_timeout_s * 1000));
+    if (!uv_is_active((uv_handle_t *)&h->timer)) fs_h2conn_set_timer(h, ms);
     break;
   case FS_IDLE_ASIS:
     break;
@@ -120,6 +131,14 @@ static void on_request_headers(fs_call *c, const nghttp2_frame *frame) {
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
   fs_call *c;
   switch (frame->hd.type) {
+  case NGHTTP2_SETTINGS:
+    if (!(frame->hd.flags & NGHTTP2_FLAG_ACK) && !downconn_of(ud)->preface) {
+      /* The client spoke HTTP/2: the preface timer gives way to the idle one. */
+      downconn_of(ud)->preface = 1;
+      fs_h2conn_set_timer(ud, 0);
+      idle_timer_update(ud);
+    }
+    return 0;
   case NGHTTP2_GOAWAY:
     fs_pconn_note_goaway(ud, frame);
     return 0;
@@ -226,7 +245,9 @@ static int conn_ready(fs_h2conn *h) {
       {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, cfg->max_header_list_size},
   };
-  fs_h2conn_set_timer(h, 0);
+  /* The client's preface and SETTINGS must follow within the handshake
+   * timeout (h2c clients included: they never had a TLS timer). */
+  fs_h2conn_set_timer(h, handshake_ms());
   if (fs_h2conn_session_new(h, 1, D.cbs, D.opt) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 3) != 0 ||
       nghttp2_session_set_local_window_size(h->session, NGHTTP2_FLAG_NONE, 0, (int32_t)cfg->conn_window) != 0) {
@@ -289,6 +310,10 @@ static void conn_timer(fs_h2conn *h) {
   if (!h->tls_ready) {
     conn_tls_fail(h, "TLS handshake timeout");
     fs_h2conn_close(h, "TLS handshake timeout");
+  } else if (!d->preface) {
+    char why[96];
+    snprintf(why, sizeof(why), "no HTTP/2 preface within %gs", fs_env.cfg->tls_handshake_timeout_s);
+    fs_h2conn_close(h, why);
   } else if (d->pc.nstreams == 0) {
     fs_pconn_goaway(&d->pc, "idle timeout");
   }
@@ -315,9 +340,38 @@ static void peer_name(uv_tcp_t *t, char *out, size_t len) {
   }
 }
 
+static void on_refused_closed(uv_handle_t *h) { free(h); }
+
+/* At --max-connections: take the connection off the backlog and close it
+ * at once, so the descriptors kept in reserve stay free. */
+static void refuse(uv_stream_t *server) {
+  uv_tcp_t *t = malloc(sizeof(*t));
+  fs_event ev;
+  if (!t) return;
+  if (uv_tcp_init(fs_env.loop, t) < 0) {
+    free(t);
+    return;
+  }
+  if (uv_accept(server, (uv_stream_t *)t) == 0) {
+    fs_env.stats.conns_refused++;
+    if (fs_ev_begin(&ev, FS_LOG_WARN, "conn.refused")) {
+      char peer[64];
+      peer_name(t, peer, sizeof(peer));
+      fs_ev_str(&ev, "peer", peer);
+      fs_ev_u64(&ev, "max_connections", D.max_conns);
+      fs_ev_end(&ev);
+    }
+  }
+  uv_close((uv_handle_t *)t, on_refused_closed);
+}
+
 static void on_accept(uv_stream_t *server, int status) {
   downconn *d;
   if (status < 0 || fs_env.draining) return;
+  if (D.nconns >= D.max_conns) {
+    refuse(server);
+    return;
+  }
   if (!(d = calloc(1, sizeof(*d)))) return;
   if (fs_h2conn_init(&d->pc.h2, fs_env.loop, &conn_ops) < 0) {
     free(d);
@@ -333,7 +387,7 @@ static void on_accept(uv_stream_t *server, int status) {
   }
   fs_env.stats.conns_total++;
   peer_name(&d->pc.h2.tcp, d->pc.h2.peer, sizeof(d->pc.h2.peer));
-  if (D.tls) fs_h2conn_set_timer(&d->pc.h2, (uint64_t)(fs_env.cfg->tls_handshake_timeout_s * 1000));
+  if (D.tls) fs_h2conn_set_timer(&d->pc.h2, handshake_ms());
   /* On failure the connection is closed already and frees itself. */
   (void)fs_h2conn_start(&d->pc.h2, D.tls, 1, NULL, NULL);
 }
@@ -349,6 +403,12 @@ int fs_downstream_start(SSL_CTX *tls, void (*on_maybe_idle)(void), char *err, si
   D.tls = tls;
   D.on_maybe_idle = on_maybe_idle;
   fs_list_init(&D.conns);
+  D.max_conns = fs_env.cfg->max_connections;
+  if (D.max_conns == 0) {
+    struct rlimit rl;
+    rlim_t n = getrlimit(RLIMIT_NOFILE, &rl) == 0 ? rl.rlim_cur : 1024;
+    D.max_conns = n == RLIM_INFINITY || n > 10000000 ? 10000000 : n > FD_RESERVE + 16 ? (unsigned)(n - FD_RESERVE) : 16;
+  }
   if (nghttp2_session_callbacks_new(&D.cbs) != 0 || nghttp2_option_new(&D.opt) != 0) {
     snprintf(err, errlen, "out of memory");
     return -1;

@@ -18,7 +18,8 @@
  * FS_LOG_RATE a second; the next line written says how many were
  * suppressed ("suppressed": N), so a flood cannot fill a disk or a log
  * shipper, and nothing is lost silently. */
-static const char *const limited_kinds[] = {"rpc.error", "conn.open", "conn.close", "tls.fail", "fleet.undecoded"};
+static const char *const limited_kinds[] = {"rpc.error",    "conn.open", "conn.close",
+                                            "conn.refused", "tls.fail",  "fleet.undecoded"};
 #define NLIMITED (sizeof(limited_kinds) / sizeof(limited_kinds[0]))
 static fs_ratelimit limits[NLIMITED];
 static uint64_t suppressed_total;

@@ -68,6 +68,8 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   put(&o, "flower_sidecar_connections %" PRIu64 "\n", s->conns_current);
   head(&o, "connections_total", "counter", "Downstream connections accepted and set up.");
   put(&o, "flower_sidecar_connections_total %" PRIu64 "\n", s->conns_total);
+  head(&o, "connections_refused_total", "counter", "Client connections closed at once: --max-connections reached.");
+  put(&o, "flower_sidecar_connections_refused_total %" PRIu64 "\n", s->conns_refused);
   head(&o, "calls_total", "counter", "Calls finished, by method and gRPC status.");
   for (m = 0; m < FS_FLEET_METHODS; m++)
     for (st = 0; st < FS_GRPC_NSTATUS; st++)

@@ -31,6 +31,7 @@ typedef struct fs_metrics_sample {
   size_t n_runs;
   uint64_t calls_held, calls_failed_down, retries, pings;
   double ping_rtt_s; /* <= 0: not measured yet */
+  uint64_t conns_refused;
 } fs_metrics_sample;
 
 /* Renders everything into |out| (capacity |cap|).  Returns the length, or

@@ -68,7 +68,14 @@ uint64_t fs_policy_keepalive_backoff(uint64_t time_ms) {
   return time_ms < day / 2 ? time_ms * 2 : day;
 }
 
-fs_idle_action fs_policy_idle(int ready, int closing, uint32_t streams, uint64_t idle_ms) {
+fs_idle_action fs_policy_idle(int ready, int closing, uint32_t streams, int ever_used, uint64_t idle_ms, uint64_t *ms) {
   if (!ready || closing) return FS_IDLE_ASIS;
-  return streams > 0 || idle_ms == 0 ? FS_IDLE_STOP : FS_IDLE_ARM;
+  if (streams > 0) return FS_IDLE_STOP;
+  if (!ever_used) {
+    *ms = idle_ms && idle_ms < FS_POLICY_UNUSED_IDLE_MS ? idle_ms : FS_POLICY_UNUSED_IDLE_MS;
+    return FS_IDLE_ARM;
+  }
+  if (idle_ms == 0) return FS_IDLE_STOP;
+  *ms = idle_ms;
+  return FS_IDLE_ARM;
 }

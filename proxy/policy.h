@@ -124,13 +124,20 @@ uint64_t fs_policy_keepalive_backoff(uint64_t time_ms);
 
 typedef enum {
   FS_IDLE_STOP, /* calls are open (or no idle timeout): no timer */
-  FS_IDLE_ARM,  /* arm the timer for the idle timeout unless it runs already */
+  FS_IDLE_ARM,  /* arm the timer for *|ms| unless it runs already */
   FS_IDLE_ASIS  /* not judged now (not yet ready, or closing) */
 } fs_idle_action;
 
-/* The idle timer of a client connection: |ready| once HTTP/2 runs (before,
- * the handshake timer runs), |streams| open, |idle_ms| the timeout (0 =
- * never). */
-fs_idle_action fs_policy_idle(int ready, int closing, uint32_t streams, uint64_t idle_ms);
+/* A client connection that never opened a stream is closed after this
+ * (or --idle-timeout when shorter): a connection that only holds a file
+ * descriptor is not a client. */
+#define FS_POLICY_UNUSED_IDLE_MS 60000
+
+/* The idle timer of a client connection: |ready| once the client's
+ * HTTP/2 preface and SETTINGS arrived (before, the handshake timer runs),
+ * |streams| open, |ever_used| once a stream was opened, |idle_ms| the
+ * --idle-timeout (0 = never, for connections that were used).  Sets *|ms|
+ * for FS_IDLE_ARM. */
+fs_idle_action fs_policy_idle(int ready, int closing, uint32_t streams, int ever_used, uint64_t idle_ms, uint64_t *ms);
 
 #endif

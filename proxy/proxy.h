@@ -19,6 +19,7 @@
 
 typedef struct fs_proxy_stats {
   uint64_t conns_total, conns_current;
+  uint64_t conns_refused; /* closed at once: --max-connections reached */
   uint64_t tls_failures;
   uint64_t upstream_connects;
   uint64_t calls_held;        /* waited for an upstream connection */

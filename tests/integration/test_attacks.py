@@ -211,3 +211,55 @@ def test_hpack_amplification_closes_the_connection(link):
     assert len(legit.failures) <= 1 and legit.p99() < 1.0 * SLOW, (legit.failures[:3], legit.p99())
     wait_for(lambda: [e for e in link.events.all() if e["event"] == "conn.close" and "header abuse" in e["reason"]],
              5 * SLOW, "conn.close saying why")
+
+
+def silent_sockets(port: int, n: int) -> list[socket.socket]:
+    out = []
+    for _ in range(n):
+        try:
+            out.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        except OSError:
+            break
+    return out
+
+
+def closed_by_peer(s: socket.socket, timeout: float) -> bool:
+    """True when the sidecar closes |s| within |timeout| (what it sends
+    before, e.g. its SETTINGS, is read and ignored)."""
+    return h2raw.read_until_closed(s, timeout)[0]
+
+
+def test_silent_connections_are_closed_and_capped(make_upstream, make_sidecar, tmp_path):
+    """Connections that only hold a descriptor: TCP connected, no TLS
+    ClientHello (TLS link) or no HTTP/2 preface (h2c, which had no timer at
+    all: 20,000 of them used every descriptor and took the admin port down
+    too).  With --max-connections 100 and a 1 s handshake timeout, 300 such
+    sockets: at most 100 are held, the rest are closed at once
+    (conn.refused), /healthz answers throughout, every held one is closed
+    within the timeout, and then a legit call succeeds."""
+    echo = make_upstream()
+    for tls in (True, False):
+        sc = make_sidecar("--max-connections", "100", "--tls-handshake-timeout", "1", upstream=echo, tls=tls)
+        socks = silent_sockets(sc.port, 300)
+        t0 = time.monotonic()
+        assert healthz(sc) in (200, 503), "the admin port does not answer"
+        refused_at_once = sum(closed_by_peer(s, 0.5) for s in socks[100:])
+        closed = sum(closed_by_peer(s, 3.0 * SLOW) for s in socks[:100])
+        took = time.monotonic() - t0
+        for s in socks:
+            s.close()
+        print(f"silent {'TLS' if tls else 'h2c'}: {len(socks)} sockets, {refused_at_once} of the last 200 refused "
+              f"at once, {closed} of the first 100 closed within {took:.1f} s")
+        assert refused_at_once == 200, refused_at_once
+        assert closed == 100
+        wait_for(lambda: healthz(sc) == 200, 5 * SLOW, "/healthz SERVING")
+        if tls:
+            assert unary(sc.channel(), "Unary", b"after") == b"after"
+        else:
+            ch = grpc.insecure_channel(f"127.0.0.1:{sc.port}")
+            assert unary(ch, "Unary", b"after") == b"after"
+        refused = [e for e in sc.events.all() if e["event"] == "conn.refused"]
+        assert refused and refused[0]["max_connections"] == 100
+        if not tls:  # h2c connections are open (conn.open) from the start: their close says why
+            reasons = [e["reason"] for e in sc.events.all() if e["event"] == "conn.close"]
+            assert sum("no HTTP/2 preface within 1s" in r for r in reasons) == 100, reasons[:3]

@@ -203,7 +203,7 @@ static void exposition_format(void **state) {
     assert_non_null(strrchr(line, ' '));
   }
   assert_int_equal(helps, types);
-  assert_int_equal(helps, 19);
+  assert_int_equal(helps, 20);
 }
 
 static void small_buffer_gives_zero(void **state) {

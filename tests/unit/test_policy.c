@@ -163,12 +163,21 @@ static void keepalive_doubles_up_to_a_day(void **state) {
 }
 
 static void idle_timer(void **state) {
+  uint64_t ms = 0;
   (void)state;
-  assert_int_equal(fs_policy_idle(1, 0, 0, 3600000), FS_IDLE_ARM);
-  assert_int_equal(fs_policy_idle(1, 0, 1, 3600000), FS_IDLE_STOP);
-  assert_int_equal(fs_policy_idle(1, 0, 0, 0), FS_IDLE_STOP);       /* --idle-timeout 0 */
-  assert_int_equal(fs_policy_idle(0, 0, 0, 3600000), FS_IDLE_ASIS); /* handshake timer runs */
-  assert_int_equal(fs_policy_idle(1, 1, 0, 3600000), FS_IDLE_ASIS);
+  assert_int_equal(fs_policy_idle(1, 0, 0, 1, 3600000, &ms), FS_IDLE_ARM);
+  assert_int_equal(ms, 3600000);
+  assert_int_equal(fs_policy_idle(1, 0, 1, 1, 3600000, &ms), FS_IDLE_STOP);
+  assert_int_equal(fs_policy_idle(1, 0, 0, 1, 0, &ms), FS_IDLE_STOP);       /* --idle-timeout 0 */
+  assert_int_equal(fs_policy_idle(0, 0, 0, 0, 3600000, &ms), FS_IDLE_ASIS); /* handshake/preface timer runs */
+  assert_int_equal(fs_policy_idle(1, 1, 0, 1, 3600000, &ms), FS_IDLE_ASIS);
+  /* Never used: at most a minute, whatever --idle-timeout says. */
+  assert_int_equal(fs_policy_idle(1, 0, 0, 0, 3600000, &ms), FS_IDLE_ARM);
+  assert_int_equal(ms, FS_POLICY_UNUSED_IDLE_MS);
+  assert_int_equal(fs_policy_idle(1, 0, 0, 0, 0, &ms), FS_IDLE_ARM);
+  assert_int_equal(ms, FS_POLICY_UNUSED_IDLE_MS);
+  assert_int_equal(fs_policy_idle(1, 0, 0, 0, 5000, &ms), FS_IDLE_ARM);
+  assert_int_equal(ms, 5000);
 }
 
 int main(void) {
