@@ -139,6 +139,7 @@ static void call_free(fs_call *c) {
   }
   if (c->path) nghttp2_rcbuf_decref(c->path);
   free(c);
+  fs_env.calls_freed++;
 }
 
 void fs_call_maybe_free(fs_call *c) {
@@ -302,6 +303,22 @@ nghttp2_data_provider fs_call_provider(fs_call *c, int sink) {
   return prd;
 }
 
+/* The client takes the response: its upstream stream may now use the full
+ * stream window (it started with FS_CALL_FIRST_WINDOW). */
+static void grant_full_window(fs_call *c) {
+  fs_pconn *u = c->leg[FS_UP].conn;
+  int rv;
+  c->up_window = 1;
+  if (!u || u->h2.closing || c->leg[FS_UP].sid <= 0 || fs_env.cfg->stream_window <= FS_CALL_FIRST_WINDOW) return;
+  rv = nghttp2_session_set_local_window_size(u->h2.session, NGHTTP2_FLAG_NONE, c->leg[FS_UP].sid,
+                                             (int32_t)fs_env.cfg->stream_window);
+  if (rv != 0) {
+    fs_pconn_broken(u, "opening a stream window", rv);
+    return;
+  }
+  fs_h2conn_mark(&u->h2);
+}
+
 int fs_call_send_data(fs_call *c, int sink, fs_pconn *pc, const nghttp2_frame *frame, const uint8_t *framehd,
                       size_t length) {
   static const uint8_t zeros[256];
@@ -327,6 +344,7 @@ int fs_call_send_data(fs_call *c, int sink, fs_pconn *pc, const nghttp2_frame *f
   }
   if (padlen > 1) fs_h2conn_write(&pc->h2, zeros, padlen - 1);
   if (sink == FS_UP) replay_keep(c, &f->data, length);
+  if (sink == FS_DOWN && !c->up_window && length > 0) grant_full_window(c);
   fs_bufq_drop(&f->data, length);
   f->promised = 0;
   /* The bytes are on their way: let the sender send more (a replay's bytes

@@ -31,6 +31,12 @@
 
 enum { FS_DOWN = 0, FS_UP = 1 };
 
+/* The window an upstream stream starts with (one fs_bufq block): the
+ * response may use the full --stream-window once the client takes bytes.
+ * Bounds what a client that reads nothing (zero window) makes the
+ * sidecar hold: one block per call instead of a whole stream window. */
+#define FS_CALL_FIRST_WINDOW FS_BLOCK_SIZE
+
 typedef struct fs_pconn fs_pconn;
 typedef struct fs_call fs_call;
 
@@ -88,6 +94,7 @@ struct fs_call {
   fs_bufq replay;       /* request bytes sent upstream, kept to repeat the call */
   uint8_t replay_on;    /* replay holds every byte sent on this attempt */
   uint8_t up_headers;   /* response headers arrived: the upstream processed the call */
+  uint8_t up_window;    /* the upstream stream got its full window (the client takes bytes) */
   uint8_t req_trailers; /* request trailers were sent (not kept: no repeat) */
   uint8_t attempts;     /* repeats made */
   uint8_t resp_started; /* response headers went to the client */
@@ -105,6 +112,7 @@ typedef struct fs_proxy_env {
   const fs_config *cfg;
   fs_proxy_stats stats;
   size_t replay_total, replay_max; /* request bytes kept for repeats, all calls; and their cap */
+  uint64_t calls_freed;            /* since start (proxy.c hands memory back to the system after many) */
   uint8_t draining;
 } fs_proxy_env;
 

@@ -9,14 +9,24 @@
  */
 #include "proxy.h"
 
+#include <malloc.h>
 #include <string.h>
 
 #include "call.h"
 #include "downstream.h"
 #include "uppool.h"
 
+/* Every TRIM_EVERY_MS, if at least TRIM_AFTER_CALLS calls were freed since
+ * the last look, free heap pages go back to the system: after a burst of
+ * calls (an attack, a round of large models) the RSS falls back instead of
+ * staying at its peak (glibc keeps small freed blocks in the heap). */
+#define TRIM_EVERY_MS    2000
+#define TRIM_AFTER_CALLS 256
+
 static struct {
   uint8_t stopped;
+  uv_timer_t trim_timer;
+  uint64_t trimmed_at_calls;
   void (*on_stopped)(void);
   void (*on_state_change)(void);
 } G;
@@ -27,6 +37,13 @@ int fs_proxy_draining(void) { return fs_env.draining; }
 int fs_proxy_listening(void) { return fs_downstream_listening(); }
 const char *fs_proxy_upstream_error(void) { return fs_uppool_error(); }
 void fs_proxy_on_state_change(void (*cb)(void)) { G.on_state_change = cb; }
+
+static void on_trim_timer(uv_timer_t *t) {
+  (void)t;
+  if (fs_env.calls_freed - G.trimmed_at_calls < TRIM_AFTER_CALLS) return;
+  G.trimmed_at_calls = fs_env.calls_freed;
+  (void)malloc_trim(0);
+}
 
 static void state_changed(void) {
   if (G.on_state_change) G.on_state_change();
@@ -40,6 +57,7 @@ static void maybe_stopped(void) {
   fs_uppool_close_all();
   if (!fs_uppool_idle()) return; /* back here once the pool is idle */
   G.stopped = 1;
+  uv_close((uv_handle_t *)&G.trim_timer, NULL);
   fs_uppool_stop();
   fs_downstream_stop();
   if (G.on_stopped) G.on_stopped();
@@ -62,6 +80,9 @@ int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL
   up.stall_probe = cfg->role == FS_ROLE_NODE;
   up.on_state_change = state_changed;
   up.on_maybe_idle = maybe_stopped;
+  (void)uv_timer_init(loop, &G.trim_timer); /* cannot fail on a live loop */
+  if (uv_timer_start(&G.trim_timer, on_trim_timer, TRIM_EVERY_MS, TRIM_EVERY_MS) == 0)
+    uv_unref((uv_handle_t *)&G.trim_timer);
   if (fs_downstream_start(down_ctx, maybe_stopped, err, errlen) < 0) return -1;
   state_changed();
   return fs_uppool_start(&up, err, errlen);

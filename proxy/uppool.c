@@ -214,7 +214,10 @@ static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *u
 static int conn_ready(fs_h2conn *h) {
   nghttp2_settings_entry iv[] = {
       {NGHTTP2_SETTINGS_ENABLE_PUSH, 0},
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, fs_env.cfg->stream_window},
+      /* A response may fill a whole stream window only once its client
+       * takes bytes (call.c, fs_call_send_data): a client that reads
+       * nothing holds at most one buffer block per call. */
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, FS_CALL_FIRST_WINDOW},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, fs_env.cfg->max_header_list_size},
   };
   if (fs_h2conn_session_new(h, 0, U.cbs, U.opt) != 0 ||
