@@ -211,6 +211,10 @@ static void start_write(fs_h2conn *c) {
 
 static void flush(fs_h2conn *c) {
   int pass;
+  if (!c->timer_open) { /* fs_h2conn_init() could not create the timer */
+    fs_h2conn_close(c, c->close_reason);
+    return;
+  }
   /* nghttp2 stops at the output high-water mark; when the socket then takes
    * everything at once, nothing else would wake this connection: go on while
    * there is progress and more to send. */
@@ -397,7 +401,7 @@ static void on_timer(uv_timer_t *t) {
 }
 
 void fs_h2conn_set_timer(fs_h2conn *c, uint64_t ms) {
-  if (c->closing) return;
+  if (c->closing || !c->timer_open) return;
   if (ms == 0) uv_timer_stop(&c->timer);
   else uv_timer_start(&c->timer, on_timer, ms, 0);
 }
@@ -408,19 +412,24 @@ int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops) {
   c->ops = ops;
   c->outq_cap = FS_PACING_DEEP;
   fs_bufq_init(&c->outq, 0);
+  /* A uv_tcp_init() that fails has registered nothing with the loop: |c| is
+   * still the caller's to free, and no callback will come. */
   if ((rv = uv_tcp_init(loop, &c->tcp)) < 0) return rv;
+  c->tcp.data = c;
   c->open_handles = 1;
-  c->tcp.data = c;
-  if ((rv = uv_timer_init(loop, &c->timer)) < 0) {
-    /* |c| is freed through ops->on_freed once the TCP handle is closed. */
-    c->closing = 1;
-    uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
-    return rv;
-  }
-  c->open_handles = 2;
-  c->tcp.data = c;
-  c->timer.data = c;
   c->opened_ms = uv_now(loop);
+  /* From here the loop refers to |c| until the TCP handle's close callback,
+   * so an error can no longer be returned (the caller would free |c| under
+   * the loop).  A timer that cannot be created closes the connection from
+   * the next flush instead, once the owner has linked it (h2conn.h). */
+  if ((rv = uv_timer_init(loop, &c->timer)) < 0) {
+    snprintf(c->close_reason, sizeof(c->close_reason), "cannot create a timer: %s", uv_strerror(rv));
+    fs_h2conn_mark(c);
+    return 0;
+  }
+  c->timer.data = c;
+  c->timer_open = 1;
+  c->open_handles = 2;
   return 0;
 }
 
@@ -428,6 +437,10 @@ static int ops_has_raw(const fs_h2conn *c) { return c->ops->on_raw != NULL; }
 
 int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, const char *verify_name) {
   int rv;
+  if (!c->timer_open) { /* fs_h2conn_init() could not create the timer */
+    fs_h2conn_close(c, c->close_reason);
+    return -1;
+  }
   c->connected = 1;
   uv_tcp_nodelay(&c->tcp, 1);
   pacing_start(c);
@@ -510,8 +523,7 @@ void fs_h2conn_close(fs_h2conn *c, const char *reason) {
     c->ops->on_tls_fail(c, why);
   }
   c->ops->on_closing(c, c->close_reason);
-  uv_timer_stop(&c->timer);
   if (c->connected) uv_read_stop((uv_stream_t *)&c->tcp);
   uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
-  uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+  if (c->timer_open) uv_close((uv_handle_t *)&c->timer, on_handle_closed); /* stops it */
 }

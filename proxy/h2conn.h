@@ -11,9 +11,12 @@
  * syscalls, and lets one connection's callbacks make others dirty without
  * recursion.
  *
- * Ownership: the embedding object (proxy) allocates the fs_h2conn, calls
- * fs_h2conn_init(), and frees it in ops->on_freed, which runs after both
- * libuv handles are closed (close -> close_cb -> free).
+ * Ownership: the embedding object (the proxy's connections, admin's,
+ * uphealth's) allocates the fs_h2conn and calls fs_h2conn_init().  When that
+ * fails the object is still the caller's to free; once it succeeds the loop
+ * refers to it, and it is freed only in ops->on_freed, which runs after
+ * every libuv handle it opened is closed (fs_h2conn_close -> close callbacks
+ * -> on_freed).
  */
 #ifndef FS_H2CONN_H
 #define FS_H2CONN_H
@@ -70,6 +73,7 @@ struct fs_h2conn {
   uint64_t opened_ms;
   uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
   uint8_t pacing_off; /* loopback peer: never paced (pacing.h) */
+  uint8_t timer_open; /* |timer| was initialised (fs_h2conn_init) */
   char peer[300];
   char close_reason[160];
 };
@@ -79,7 +83,20 @@ int fs_h2conn_global_init(uv_loop_t *loop);
 /* Stops the flush handle so the loop can end. */
 void fs_h2conn_global_close(void);
 
-/* Initialises |c|'s handles on |loop|.  Returns 0 or a libuv error. */
+/* Initialises |c| (zeroed first: its TCP handle, then its timer) on |loop|,
+ * with |ops|.  fs_h2conn_global_init() must have run.
+ *
+ * Returns 0 when |c| is registered with |loop|.  From then on |c| ends only
+ * through fs_h2conn_close(): ops->on_closing once, then ops->on_freed, where
+ * the owner frees it.  If the timer cannot be created (uv_timer_init() cannot
+ * fail in libuv 1.x, but its contract allows it), 0 is still returned: |c|
+ * closes itself with the reason "cannot create a timer: ..." when the loop
+ * next flushes, or in fs_h2conn_start() (which then returns -1), whichever
+ * comes first; fs_h2conn_set_timer() does nothing meanwhile.  Either way no
+ * callback of |ops| runs inside this call.
+ *
+ * Returns uv_tcp_init()'s error when nothing was registered: no callback of
+ * |ops| will ever run for |c|, and the caller frees (or reuses) it at once. */
 int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops);
 
 /* Starts the transport on a connected socket.  With |ctx| non-NULL, runs a
@@ -107,7 +124,8 @@ void fs_h2conn_write(fs_h2conn *c, const void *data, size_t len);
 /* Nonzero when more output may be queued now. */
 int fs_h2conn_writable(const fs_h2conn *c);
 
-/* (Re)arms c->timer to fire ops->on_timer after |ms|; 0 stops it. */
+/* (Re)arms c->timer to fire ops->on_timer after |ms|; 0 stops it.  Does
+ * nothing once |c| is closing, or when it has no timer (fs_h2conn_init). */
 void fs_h2conn_set_timer(fs_h2conn *c, uint64_t ms);
 
 /* Schedules a flush of |c| before the loop next polls. */
