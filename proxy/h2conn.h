@@ -72,13 +72,17 @@ struct fs_h2conn {
   uint64_t last_rx_ms;          /* loop time of the last byte read */
   uint64_t opened_ms;
   uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
-  uint8_t pacing_off; /* loopback peer: never paced (pacing.h) */
-  uint8_t timer_open; /* |timer| was initialised (fs_h2conn_init) */
+  uint8_t pacing_off;    /* loopback peer: never paced (pacing.h) */
+  uint8_t timer_open;    /* |timer| was initialised (fs_h2conn_init) */
+  uint8_t close_pending; /* closes with |close_reason| at its next flush */
   char peer[300];
   char close_reason[160];
 };
 
-/* Prepares the loop-wide flush handle.  Call once before any connection. */
+/* Prepares the loop-wide flush handle (and the TLS BIO method).  Call once
+ * before any connection.  Returns 0, or a libuv error (UV_ENOMEM when
+ * OpenSSL cannot create the BIO method); then fs_h2conn_global_close() must
+ * not be called. */
 int fs_h2conn_global_init(uv_loop_t *loop);
 /* Stops the flush handle so the loop can end. */
 void fs_h2conn_global_close(void);
@@ -103,7 +107,10 @@ int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops);
  * TLS handshake (server when |server|, else client sending SNI |sni| and
  * verifying the peer against |verify_name| when non-NULL) before
  * ops->on_ready; without it calls ops->on_ready at once.  Returns 0, or -1
- * after closing |c|. */
+ * after closing |c| (ops->on_closing has run; ops->on_freed comes later):
+ * when fs_h2conn_init() could not create the timer, OpenSSL cannot set up
+ * the TLS state, the SNI or the name to verify, libuv cannot start reading,
+ * the client's first handshake step fails, or ops->on_ready fails. */
 int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, const char *verify_name);
 
 /* Fills the nghttp2 callbacks the transport owns (send_callback). */
@@ -125,7 +132,9 @@ void fs_h2conn_write(fs_h2conn *c, const void *data, size_t len);
 int fs_h2conn_writable(const fs_h2conn *c);
 
 /* (Re)arms c->timer to fire ops->on_timer after |ms|; 0 stops it.  Does
- * nothing once |c| is closing, or when it has no timer (fs_h2conn_init). */
+ * nothing once |c| is closing, or when it has no timer (fs_h2conn_init).
+ * Never calls back: should libuv refuse to start the timer, |c| closes
+ * with that reason at its next flush. */
 void fs_h2conn_set_timer(fs_h2conn *c, uint64_t ms);
 
 /* Schedules a flush of |c| before the loop next polls. */
@@ -134,6 +143,13 @@ void fs_h2conn_mark(fs_h2conn *c);
 /* Closes |c| with |reason|: ops->on_closing now, ops->on_freed later.
  * Idempotent. */
 void fs_h2conn_close(fs_h2conn *c, const char *reason);
+
+/* Closes |c| with |reason| (copied) at its next flush, before the loop next
+ * polls: nothing is called back now, and input arriving meanwhile is
+ * ignored.  For failures found where ops->on_closing must not run under the
+ * caller (inside nghttp2 callbacks, while walking a list the close would
+ * change).  Does nothing when |c| is already closing or due to. */
+void fs_h2conn_close_soon(fs_h2conn *c, const char *reason);
 
 /* Milliseconds on the loop clock. */
 uint64_t fs_now_ms(void);

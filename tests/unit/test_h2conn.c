@@ -163,12 +163,30 @@ static void close_calls_back_once_each(void **state) {
   free(o);
 }
 
+/* fs_h2conn_close_soon: nothing now (the caller may be inside an nghttp2
+ * callback), the close with its reason at the next flush, once. */
+static void close_soon_closes_at_the_next_flush(void **state) {
+  owner *o = calloc(1, sizeof(*o));
+  (void)state;
+  assert_int_equal(caller_init(o), 0);
+  fs_h2conn_close_soon(&o->h2, "admin: cannot submit a response");
+  fs_h2conn_close_soon(&o->h2, "second reason"); /* the first one stands */
+  assert_int_equal(o->closing_calls, 0);
+  assert_false(o->h2.closing);
+  spin();
+  assert_int_equal(o->closing_calls, 1);
+  assert_string_equal(o->reason, "admin: cannot submit a response");
+  assert_int_equal(o->freed_calls, 1);
+  free(o);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup_teardown(timer_failure_never_calls_back_into_a_freed_object, setup, teardown),
       cmocka_unit_test_setup_teardown(timer_failure_closes_in_start, setup, teardown),
       cmocka_unit_test_setup_teardown(tcp_failure_leaves_nothing, setup, teardown),
       cmocka_unit_test_setup_teardown(close_calls_back_once_each, setup, teardown),
+      cmocka_unit_test_setup_teardown(close_soon_closes_at_the_next_flush, setup, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
