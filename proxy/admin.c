@@ -15,6 +15,7 @@
 #include "bufq.h"
 #include "h2conn.h"
 #include "h2mem.h"
+#include "health.h"
 #include "health.pb-c.h"
 #include "log.h"
 #include "metrics.h"
@@ -87,8 +88,6 @@ static fs_health_status current(const char **reason) {
 static const char *upstream_detail(void) {
   return fs_proxy_upstream_up() && !fs_uphealth_ok() ? fs_uphealth_reason() : fs_proxy_upstream_error();
 }
-
-fs_health_status fs_admin_status(const char **reason) { return current(reason); }
 
 static void push_status(astream *s, fs_health_status st);
 

@@ -5,8 +5,8 @@
  * whether a call may be repeated, when a stalled call probes its connection
  * and when it gives up, which upstream connection takes a call, how the
  * keepalive time grows after too_many_pings, and the idle timer of a client
- * connection.  The modules that act on them (call.c, uppool.c,
- * downstream.c) only gather the facts and carry the verdict out.
+ * connection.  The data path that acts on them (proxy.c) only gathers the
+ * facts and carries the verdict out.
  *
  * Times are milliseconds on one clock (the loop's).
  */

@@ -1,5 +1,5 @@
-/* Unit tests: the health verdict (conventions.md, "Health") and the service
- * names the admin port answers for. */
+/* Unit tests: the health verdict (README.md, "Health, the admin port and
+ * `flower-probe`") and the service names the admin port answers for. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
