@@ -126,7 +126,7 @@ test: deps
 # `make fuzz-seeds` rebuilds the seeds from the emulator's protos.
 FUZZ_CC   ?= clang
 FUZZ_TIME ?= 60
-FUZZ_SRC  := proxy/observe.c proxy/fedstate.c proxy/fleet.c proxy/grpcmsg.c proxy/log.c $(GEN)/fleet.pb-c.c
+FUZZ_SRC  := proxy/observe.c proxy/fedstate.c proxy/fleet.c proxy/grpcmsg.c proxy/grpc.c proxy/log.c proxy/ratelimit.c $(GEN)/fleet.pb-c.c
 
 $(BUILD)/fuzz_observe: tests/fuzz/fuzz_observe.c $(FUZZ_SRC) $(PROTO_H) $(wildcard proxy/*.h)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \

@@ -14,7 +14,7 @@
 
 #include "bufq.h"
 #include "h2conn.h"
-#include "h2mem.h"
+#include "health.h"
 #include "health.pb-c.h"
 #include "log.h"
 #include "metrics.h"
@@ -88,14 +88,12 @@ static const char *upstream_detail(void) {
   return fs_proxy_upstream_up() && !fs_uphealth_ok() ? fs_uphealth_reason() : fs_proxy_upstream_error();
 }
 
-fs_health_status fs_admin_status(const char **reason) { return current(reason); }
-
 static void push_status(astream *s, fs_health_status st);
 
 void fs_admin_update(void) {
   const char *reason;
   fs_health_status st = current(&reason);
-  astream *w;
+  astream *w, *next;
   fs_event ev;
   if (st == A.status) return;
   if (fs_ev_begin(&ev, st == FS_HEALTH_SERVING ? FS_LOG_INFO : FS_LOG_WARN, "health.change")) {
@@ -110,8 +108,10 @@ void fs_admin_update(void) {
   }
   A.status = st;
   A.reason = reason;
-  for (w = A.watchers; w; w = w->wnext)
+  for (w = A.watchers; w; w = next) {
+    next = w->wnext; /* push_status may take |w| off the list */
     if (!w->unknown_service) push_status(w, st);
+  }
 }
 
 /* --- gRPC health service --------------------------------------------------- */
@@ -141,17 +141,41 @@ static void stream_free(astream *s) {
   free(s);
 }
 
+/* nghttp2 refused something for stream |s| (|what|, error |rv|): the stream
+ * gets no more updates and is reset, or, when even that is refused, the
+ * connection closes at its next flush.  Either way |s| is freed later (its
+ * stream's close, or the connection's), never under the caller, which may
+ * be inside an nghttp2 callback or walking the watchers. */
+static void stream_fail(astream *s, const char *what, int rv) {
+  aconn *c = s->conn;
+  watch_del(s);
+  if (nghttp2_submit_rst_stream(c->h2.session, NGHTTP2_FLAG_NONE, s->sid, NGHTTP2_INTERNAL_ERROR) != 0) {
+    char why[160];
+    snprintf(why, sizeof(why), "admin: %s: %s", what, nghttp2_strerror(rv));
+    fs_h2conn_close_soon(&c->h2, why);
+    return;
+  }
+  fs_h2conn_mark(&c->h2);
+}
+
 static void push_status(astream *s, fs_health_status st) {
   Grpc__Health__V1__HealthCheckResponse resp = GRPC__HEALTH__V1__HEALTH_CHECK_RESPONSE__INIT;
   uint8_t buf[FS_GRPC_PREFIX_LEN + 16];
   size_t n;
+  int rv;
+  if (s->conn->h2.closing) return;
   resp.status = (Grpc__Health__V1__HealthCheckResponse__ServingStatus)st;
   n = grpc__health__v1__health_check_response__pack(&resp, buf + FS_GRPC_PREFIX_LEN);
   fs_grpc_prefix_put(buf, (uint32_t)n);
+  /* Full (a Watch client that left 4 KiB of updates unread): it misses this
+   * one. */
   if (fs_bufq_append(&s->out, buf, FS_GRPC_PREFIX_LEN + n) < 0) return;
-  if (s->deferred && !s->conn->h2.closing) {
+  if (s->deferred) {
     s->deferred = 0;
-    nghttp2_session_resume_data(s->conn->h2.session, s->sid);
+    if ((rv = nghttp2_session_resume_data(s->conn->h2.session, s->sid)) != 0) {
+      stream_fail(s, "cannot resume a response", rv);
+      return;
+    }
   }
   fs_h2conn_mark(&s->conn->h2);
 }
@@ -179,8 +203,10 @@ static ssize_t read_cb(nghttp2_session *ses, int32_t sid, uint8_t *buf, size_t l
 
 static void respond_error(astream *s, fs_grpc_status status, const char *msg) {
   fs_grpc_reply r;
+  int rv;
   fs_grpc_reply_init(&r, status, msg, 1);
-  nghttp2_submit_response(s->conn->h2.session, s->sid, r.nv, r.n, NULL);
+  if ((rv = nghttp2_submit_response(s->conn->h2.session, s->sid, r.nv, r.n, NULL)) != 0)
+    stream_fail(s, "cannot submit a response", rv);
 }
 
 static void on_request_complete(astream *s) {
@@ -191,7 +217,7 @@ static void on_request_complete(astream *s) {
   nghttp2_data_provider prd;
   Grpc__Health__V1__HealthCheckRequest *req;
   uint32_t len;
-  int known;
+  int known, rv;
   const char *reason;
   if (s->method == M_OTHER) {
     respond_error(s, FS_GRPC_UNIMPLEMENTED, "flower-sidecar: the admin port serves grpc.health.v1.Health only");
@@ -211,7 +237,10 @@ static void on_request_complete(astream *s) {
   }
   prd.source.ptr = s;
   prd.read_callback = read_cb;
-  nghttp2_submit_response(s->conn->h2.session, s->sid, nv, 2, &prd);
+  if ((rv = nghttp2_submit_response(s->conn->h2.session, s->sid, nv, 2, &prd)) != 0) {
+    stream_fail(s, "cannot submit a response", rv);
+    return;
+  }
   if (s->method == M_CHECK) {
     s->end_after = 1;
     push_status(s, current(&reason));
@@ -230,7 +259,12 @@ static int on_begin_headers(nghttp2_session *ses, const nghttp2_frame *frame, vo
   aconn *c = ud;
   astream *s;
   if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  /* A temporal failure resets only this stream. */
   if (!(s = calloc(1, sizeof(*s)))) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  if (nghttp2_session_set_stream_user_data(ses, frame->hd.stream_id, s) != 0) {
+    free(s);
+    return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+  }
   s->conn = c;
   s->sid = frame->hd.stream_id;
   fs_bufq_init(&s->out, 4096);
@@ -238,7 +272,6 @@ static int on_begin_headers(nghttp2_session *ses, const nghttp2_frame *frame, vo
   if (c->streams) c->streams->prev = s;
   c->streams = s;
   if (c->incomplete++ == 0) fs_h2conn_set_timer(&c->h2, REQUEST_TIMEOUT_MS);
-  nghttp2_session_set_stream_user_data(ses, s->sid, s);
   return 0;
 }
 
@@ -287,7 +320,7 @@ static int a_ready(fs_h2conn *h) {
   nghttp2_settings_entry iv[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 1000},
                                  {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 16384}};
   fs_h2conn_set_timer(h, 0);
-  if (nghttp2_session_server_new3(&h->session, A.cbs, h, NULL, fs_h2mem()) != 0 ||
+  if (fs_h2conn_session_new(h, 1, A.cbs, NULL) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 2) != 0) {
     snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");
     return -1;
@@ -418,7 +451,7 @@ static void a_raw(fs_h2conn *h, const uint8_t *data, size_t len) {
       size_t n = c->head_len;
       c->head = NULL;
       c->head_len = 0;
-      fs_h2conn_begin_h2(h, (const uint8_t *)pending, n);
+      (void)fs_h2conn_begin_h2(h, (const uint8_t *)pending, n); /* -1: |h| is closing, nothing more to do */
       free(pending);
     }
     return;
@@ -461,20 +494,22 @@ int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errl
   A.loop = loop;
   A.cfg = cfg;
   A.status = FS_HEALTH_UNKNOWN;
-  nghttp2_session_callbacks_new(&A.cbs);
+  if (nghttp2_session_callbacks_new(&A.cbs) != 0) return snprintf(err, errlen, "admin: out of memory"), -1;
   fs_h2conn_set_callbacks(A.cbs);
   nghttp2_session_callbacks_set_on_begin_headers_callback(A.cbs, on_begin_headers);
   nghttp2_session_callbacks_set_on_header_callback(A.cbs, on_header);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(A.cbs, on_data_chunk);
   nghttp2_session_callbacks_set_on_frame_recv_callback(A.cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_stream_close_callback(A.cbs, on_stream_close);
-  fs_hostport_split(cfg->admin, host, sizeof(host), &port);
+  if (fs_hostport_split(cfg->admin, host, sizeof(host), &port) < 0)
+    return snprintf(err, errlen, "invalid --admin: '%s'", cfg->admin), -1;
   if (!host[0]) strcpy(host, "127.0.0.1");
   if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
       uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0)
     return snprintf(err, errlen, "invalid --admin: '%s' (not a numeric IP address)", cfg->admin), -1;
-  uv_tcp_init(loop, &A.listener);
-  A.listening = 1;
+  if ((rv = uv_tcp_init(loop, &A.listener)) < 0)
+    return snprintf(err, errlen, "cannot listen on --admin %s: %s", cfg->admin, uv_strerror(rv)), -1;
+  A.listening = 1; /* from here fs_admin_stop() closes the listener */
   if ((rv = uv_tcp_bind(&A.listener, (struct sockaddr *)&ss, 0)) < 0 ||
       (rv = uv_listen((uv_stream_t *)&A.listener, 128, on_accept)) < 0)
     return snprintf(err, errlen, "cannot listen on --admin %s: %s", cfg->admin, uv_strerror(rv)), -1;

@@ -9,7 +9,6 @@
 #include <uv.h>
 
 #include "config.h"
-#include "health.h"
 
 /* Listens on cfg->admin.  Returns 0, or -1 with a one-line reason. */
 int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errlen);
@@ -17,9 +16,6 @@ int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errl
 /* Re-evaluates health; on a change logs health.change and notifies every
  * Watch stream at once.  Call whenever the proxy's state changes. */
 void fs_admin_update(void);
-
-/* The current verdict and its reason. */
-fs_health_status fs_admin_status(const char **reason);
 
 /* Closes the listener and every admin connection; |on_closed| runs when
  * all are freed. */

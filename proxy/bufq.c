@@ -38,12 +38,16 @@ void fs_bufq_init(fs_bufq *q, size_t cap) {
 
 int fs_bufq_append(fs_bufq *q, const void *data, size_t n) {
   const uint8_t *p = data;
-  if (q->cap && q->len + n > q->cap) return -1;
+  fs_block *old_tail = q->tail;
+  uint32_t old_end = old_tail ? old_tail->end : 0;
+  size_t old_len = q->len;
+  /* Written so that |n| near SIZE_MAX cannot wrap the sum. */
+  if (q->cap && (n > q->cap || q->len > q->cap - n)) return -1;
   while (n > 0) {
     size_t take;
     if (!q->tail || q->tail->end == FS_BLOCK_SIZE) {
       fs_block *b = block_get();
-      if (!b) return -1; /* bytes already appended stay: callers treat -1 as fatal */
+      if (!b) goto rollback;
       if (q->tail) q->tail->next = b;
       else q->head = b;
       q->tail = b;
@@ -57,6 +61,25 @@ int fs_bufq_append(fs_bufq *q, const void *data, size_t n) {
     n -= take;
   }
   return 0;
+
+rollback : /* all or nothing: give back the blocks this call added */
+{
+  fs_block *b = old_tail ? old_tail->next : q->head;
+  while (b) {
+    fs_block *next = b->next;
+    block_put(b);
+    b = next;
+  }
+  if (old_tail) {
+    old_tail->next = NULL;
+    old_tail->end = old_end;
+  } else {
+    q->head = NULL;
+  }
+  q->tail = old_tail;
+  q->len = old_len;
+}
+  return -1;
 }
 
 size_t fs_bufq_copy(const fs_bufq *q, void *out, size_t n) {

@@ -28,25 +28,30 @@ typedef struct fs_bufq {
 
 void fs_bufq_init(fs_bufq *q, size_t cap);
 
-/* Appends |n| bytes.  Returns 0, or -1 (nothing appended) when the cap would
- * be exceeded or memory is exhausted. */
+/* Appends |n| bytes of |data| (copied).  Returns 0, or -1 when the cap would
+ * be exceeded or a block cannot be allocated; then nothing is appended and
+ * |q| is as it was (all or nothing). */
 int fs_bufq_append(fs_bufq *q, const void *data, size_t n);
 
 /* Copies up to |n| bytes from the front into |out| without removing them.
  * Returns the number copied. */
 size_t fs_bufq_copy(const fs_bufq *q, void *out, size_t n);
 
-/* Removes |n| bytes (at most q->len) from the front. */
+/* Removes |n| bytes from the front; |n| above q->len removes everything.
+ * Blocks emptied go back to the free list. */
 void fs_bufq_drop(fs_bufq *q, size_t n);
 
-/* Keeps the first |n| bytes and frees the rest. */
+/* Keeps the first |n| bytes and gives the blocks of the rest back; |n| at or
+ * above q->len changes nothing.  The cap stays. */
 void fs_bufq_keep(fs_bufq *q, size_t n);
 
 /* Moves every byte of |front| ahead of |q|'s (no copy); |front| is left
- * empty.  |q|'s cap grows by what was moved. */
+ * empty.  A capped |q|'s cap grows by what was moved (an uncapped one stays
+ * uncapped), so room for appends is unchanged. */
 void fs_bufq_prepend(fs_bufq *q, fs_bufq *front);
 
-/* Frees every block. */
+/* Empties |q|: every block goes back to the free list (or to free() when
+ * the list is full).  The cap stays. */
 void fs_bufq_reset(fs_bufq *q);
 
 /* Frees the blocks kept for reuse (at exit, so leak checkers stay quiet). */

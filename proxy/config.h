@@ -1,6 +1,6 @@
 /*
  * config: the daemon's settings from flags and the OpenNebula
- * contextualization variables (conventions.md, "Configuration").
+ * contextualization variables (README.md, "Flags").
  *
  * A flag wins over a variable; an invalid value is an error naming the flag
  * or variable and the value, never a silent default.

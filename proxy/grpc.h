@@ -1,6 +1,6 @@
 /*
  * grpc: the facts of gRPC over HTTP/2 that every part of the sidecar uses
- * (gRPC's PROTOCOL-HTTP2.md): status codes, the 5-byte message prefix,
+ * (doc/PROTOCOL-HTTP2.md in github.com/grpc/grpc): status codes, the 5-byte message prefix,
  * the grpc-status, grpc-timeout and grpc-message header values, and the
  * header blocks the sidecar sends when it answers a call itself.
  *

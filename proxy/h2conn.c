@@ -80,6 +80,13 @@ void fs_h2conn_mark(fs_h2conn *c) {
   g_dirty = c;
 }
 
+void fs_h2conn_close_soon(fs_h2conn *c, const char *reason) {
+  if (c->closing || c->close_pending) return;
+  if (reason != c->close_reason) snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+  c->close_pending = 1;
+  fs_h2conn_mark(c);
+}
+
 static void stage_flush(fs_h2conn *c) {
   if (g_stage_owner != c || g_stage_len == 0) return;
   if (SSL_write(c->ssl, g_stage, (int)g_stage_len) <= 0) {
@@ -168,6 +175,7 @@ static void pacing_start(fs_h2conn *c) {
     c->pacing_off = 1;
     return;
   }
+  /* Best effort: without it the kernel keeps more unsent, as for loopback. */
   (void)setsockopt(fd, IPPROTO_TCP, TCP_NOTSENT_LOWAT, &lowat, sizeof(lowat));
   c->outq_cap = FS_PACING_LAN;
 }
@@ -213,6 +221,10 @@ static void start_write(fs_h2conn *c) {
 
 static void flush(fs_h2conn *c) {
   int pass;
+  if (c->close_pending) {
+    fs_h2conn_close(c, c->close_reason);
+    return;
+  }
   if (c->ops->on_flush && c->session && c->tls_ready) {
     c->ops->on_flush(c);
     if (c->closing) return;
@@ -269,18 +281,26 @@ int fs_h2conn_global_init(uv_loop_t *loop) {
   int rv;
   g_loop = loop;
   if (!g_bio_method) {
-    g_bio_method = BIO_meth_new(BIO_get_new_index() | BIO_TYPE_SOURCE_SINK, "fs_h2conn");
-    BIO_meth_set_write(g_bio_method, bio_write);
-    BIO_meth_set_read(g_bio_method, bio_read);
-    BIO_meth_set_ctrl(g_bio_method, bio_ctrl);
-    BIO_meth_set_create(g_bio_method, bio_create);
+    int idx = BIO_get_new_index();
+    if (idx == -1 || !(g_bio_method = BIO_meth_new(idx | BIO_TYPE_SOURCE_SINK, "fs_h2conn")) ||
+        BIO_meth_set_write(g_bio_method, bio_write) != 1 || BIO_meth_set_read(g_bio_method, bio_read) != 1 ||
+        BIO_meth_set_ctrl(g_bio_method, bio_ctrl) != 1 || BIO_meth_set_create(g_bio_method, bio_create) != 1) {
+      BIO_meth_free(g_bio_method);
+      g_bio_method = NULL;
+      ERR_clear_error();
+      return UV_ENOMEM;
+    }
   }
   if ((rv = uv_prepare_init(loop, &g_flush)) < 0) return rv;
-  return uv_prepare_start(&g_flush, on_prepare);
+  if ((rv = uv_prepare_start(&g_flush, on_prepare)) < 0) {
+    uv_close((uv_handle_t *)&g_flush, NULL); /* static: nothing to free */
+    return rv;
+  }
+  return 0;
 }
 
 void fs_h2conn_global_close(void) {
-  uv_prepare_stop(&g_flush);
+  (void)uv_prepare_stop(&g_flush); /* always 0 */
   uv_close((uv_handle_t *)&g_flush, NULL);
   BIO_meth_free(g_bio_method);
   g_bio_method = NULL;
@@ -300,6 +320,12 @@ static void feed_h2(fs_h2conn *c, const uint8_t *p, size_t n) {
      * queued goes out, best effort, before the close. */
     (void)nghttp2_session_send(c->session);
     fs_h2conn_close(c, c->close_reason);
+    return;
+  }
+  /* No callback returns NGHTTP2_ERR_PAUSE, so nghttp2 takes all of it or
+   * fails; bytes left behind would be lost. */
+  if (rv >= 0 && (size_t)rv != n) {
+    fs_h2conn_close(c, "HTTP/2 input not consumed");
     return;
   }
   if (rv < 0) {
@@ -380,7 +406,7 @@ static void tls_input(fs_h2conn *c) {
 
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   fs_h2conn *c = s->data;
-  if (nread == 0 || c->closing) return;
+  if (nread == 0 || c->closing || c->close_pending) return;
   if (nread < 0) {
     fs_h2conn_close(c, nread == UV_EOF ? "peer closed" : uv_strerror((int)nread));
     return;
@@ -410,9 +436,19 @@ static void on_timer(uv_timer_t *t) {
 }
 
 void fs_h2conn_set_timer(fs_h2conn *c, uint64_t ms) {
-  if (c->closing) return;
-  if (ms == 0) uv_timer_stop(&c->timer);
-  else uv_timer_start(&c->timer, on_timer, ms, 0);
+  int rv;
+  if (c->closing || !c->timer_open) return;
+  if (ms == 0) {
+    (void)uv_timer_stop(&c->timer); /* always 0 */
+    return;
+  }
+  /* Fails only for a closing handle: without its timer the connection
+   * would have no deadline, so it ends. */
+  if ((rv = uv_timer_start(&c->timer, on_timer, ms, 0)) < 0) {
+    char why[120];
+    snprintf(why, sizeof(why), "cannot start a timer: %s", uv_strerror(rv));
+    fs_h2conn_close_soon(c, why);
+  }
 }
 
 int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops) {
@@ -421,19 +457,25 @@ int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops) {
   c->ops = ops;
   c->outq_cap = FS_PACING_DEEP;
   fs_bufq_init(&c->outq, 0);
+  /* A uv_tcp_init() that fails has registered nothing with the loop: |c| is
+   * still the caller's to free, and no callback will come. */
   if ((rv = uv_tcp_init(loop, &c->tcp)) < 0) return rv;
+  c->tcp.data = c;
   c->open_handles = 1;
-  c->tcp.data = c;
-  if ((rv = uv_timer_init(loop, &c->timer)) < 0) {
-    /* |c| is freed through ops->on_freed once the TCP handle is closed. */
-    c->closing = 1;
-    uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
-    return rv;
-  }
-  c->open_handles = 2;
-  c->tcp.data = c;
-  c->timer.data = c;
   c->opened_ms = uv_now(loop);
+  /* From here the loop refers to |c| until the TCP handle's close callback,
+   * so an error can no longer be returned (the caller would free |c| under
+   * the loop).  A timer that cannot be created closes the connection from
+   * the next flush instead, once the owner has linked it (h2conn.h). */
+  if ((rv = uv_timer_init(loop, &c->timer)) < 0) {
+    char why[120];
+    snprintf(why, sizeof(why), "cannot create a timer: %s", uv_strerror(rv));
+    fs_h2conn_close_soon(c, why);
+    return 0;
+  }
+  c->timer.data = c;
+  c->timer_open = 1;
+  c->open_handles = 2;
   return 0;
 }
 
@@ -441,8 +483,12 @@ static int ops_has_raw(const fs_h2conn *c) { return c->ops->on_raw != NULL; }
 
 int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, const char *verify_name) {
   int rv;
+  if (c->close_pending) {
+    fs_h2conn_close(c, c->close_reason);
+    return -1;
+  }
   c->connected = 1;
-  uv_tcp_nodelay(&c->tcp, 1);
+  (void)uv_tcp_nodelay(&c->tcp, 1); /* best effort: without it only latency suffers */
   pacing_start(c);
   if (ctx) {
     BIO *bio;
@@ -458,13 +504,23 @@ int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, con
       SSL_set_connect_state(c->ssl);
       unsigned char ipbuf[16];
       /* SNI carries host names only (RFC 6066 3). */
-      if (sni && inet_pton(AF_INET, sni, ipbuf) != 1 && inet_pton(AF_INET6, sni, ipbuf) != 1)
-        SSL_set_tlsext_host_name(c->ssl, sni);
+      if (sni && inet_pton(AF_INET, sni, ipbuf) != 1 && inet_pton(AF_INET6, sni, ipbuf) != 1 &&
+          SSL_set_tlsext_host_name(c->ssl, sni) != 1) {
+        ERR_clear_error();
+        fs_h2conn_close(c, "cannot send this server name (SNI)");
+        return -1;
+      }
       if (verify_name) {
+        /* Unchecked, a failure here would verify the chain but not the name. */
         X509_VERIFY_PARAM *vp = SSL_get0_param(c->ssl);
-        if (inet_pton(AF_INET, verify_name, ipbuf) == 1 || inet_pton(AF_INET6, verify_name, ipbuf) == 1)
-          X509_VERIFY_PARAM_set1_ip_asc(vp, verify_name);
-        else X509_VERIFY_PARAM_set1_host(vp, verify_name, 0);
+        int ok = inet_pton(AF_INET, verify_name, ipbuf) == 1 || inet_pton(AF_INET6, verify_name, ipbuf) == 1
+                     ? X509_VERIFY_PARAM_set1_ip_asc(vp, verify_name)
+                     : X509_VERIFY_PARAM_set1_host(vp, verify_name, 0);
+        if (ok != 1) {
+          ERR_clear_error();
+          fs_h2conn_close(c, "cannot set the name the certificate must match");
+          return -1;
+        }
       }
     }
   }
@@ -523,10 +579,9 @@ void fs_h2conn_close(fs_h2conn *c, const char *reason) {
     c->ops->on_tls_fail(c, why);
   }
   c->ops->on_closing(c, c->close_reason);
-  uv_timer_stop(&c->timer);
-  if (c->connected) uv_read_stop((uv_stream_t *)&c->tcp);
+  if (c->connected) (void)uv_read_stop((uv_stream_t *)&c->tcp); /* always 0 */
   uv_close((uv_handle_t *)&c->tcp, on_handle_closed);
-  uv_close((uv_handle_t *)&c->timer, on_handle_closed);
+  if (c->timer_open) uv_close((uv_handle_t *)&c->timer, on_handle_closed); /* stops it */
 }
 
 int fs_h2conn_session_new(fs_h2conn *c, int server, const nghttp2_session_callbacks *cbs, const nghttp2_option *opt) {

@@ -11,9 +11,12 @@
  * syscalls, and lets one connection's callbacks make others dirty without
  * recursion.
  *
- * Ownership: the embedding object (proxy) allocates the fs_h2conn, calls
- * fs_h2conn_init(), and frees it in ops->on_freed, which runs after both
- * libuv handles are closed (close -> close_cb -> free).
+ * Ownership: the embedding object (the proxy's connections, admin's,
+ * uphealth's) allocates the fs_h2conn and calls fs_h2conn_init().  When that
+ * fails the object is still the caller's to free; once it succeeds the loop
+ * refers to it, and it is freed only in ops->on_freed, which runs after
+ * every libuv handle it opened is closed (fs_h2conn_close -> close callbacks
+ * -> on_freed).
  */
 #ifndef FS_H2CONN_H
 #define FS_H2CONN_H
@@ -73,17 +76,35 @@ struct fs_h2conn {
   uint64_t last_rx_ms;          /* loop time of the last byte read */
   uint64_t opened_ms;
   uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
-  uint8_t pacing_off; /* loopback peer: never paced (pacing.h) */
+  uint8_t pacing_off;    /* loopback peer: never paced (pacing.h) */
+  uint8_t timer_open;    /* |timer| was initialised (fs_h2conn_init) */
+  uint8_t close_pending; /* closes with |close_reason| at its next flush */
   char peer[300];
   char close_reason[160];
 };
 
-/* Prepares the loop-wide flush handle.  Call once before any connection. */
+/* Prepares the loop-wide flush handle (and the TLS BIO method).  Call once
+ * before any connection.  Returns 0, or a libuv error (UV_ENOMEM when
+ * OpenSSL cannot create the BIO method); then fs_h2conn_global_close() must
+ * not be called. */
 int fs_h2conn_global_init(uv_loop_t *loop);
 /* Stops the flush handle so the loop can end. */
 void fs_h2conn_global_close(void);
 
-/* Initialises |c|'s handles on |loop|.  Returns 0 or a libuv error. */
+/* Initialises |c| (zeroed first: its TCP handle, then its timer) on |loop|,
+ * with |ops|.  fs_h2conn_global_init() must have run.
+ *
+ * Returns 0 when |c| is registered with |loop|.  From then on |c| ends only
+ * through fs_h2conn_close(): ops->on_closing once, then ops->on_freed, where
+ * the owner frees it.  If the timer cannot be created (uv_timer_init() cannot
+ * fail in libuv 1.x, but its contract allows it), 0 is still returned: |c|
+ * closes itself with the reason "cannot create a timer: ..." when the loop
+ * next flushes, or in fs_h2conn_start() (which then returns -1), whichever
+ * comes first; fs_h2conn_set_timer() does nothing meanwhile.  Either way no
+ * callback of |ops| runs inside this call.
+ *
+ * Returns uv_tcp_init()'s error when nothing was registered: no callback of
+ * |ops| will ever run for |c|, and the caller frees (or reuses) it at once. */
 int fs_h2conn_init(fs_h2conn *c, uv_loop_t *loop, const fs_h2conn_ops *ops);
 
 /* Creates |c|'s nghttp2 session (a server's when |server|, else a
@@ -98,7 +119,10 @@ int fs_h2conn_session_new(fs_h2conn *c, int server, const nghttp2_session_callba
  * TLS handshake (server when |server|, else client sending SNI |sni| and
  * verifying the peer against |verify_name| when non-NULL) before
  * ops->on_ready; without it calls ops->on_ready at once.  Returns 0, or -1
- * after closing |c|. */
+ * after closing |c| (ops->on_closing has run; ops->on_freed comes later):
+ * when fs_h2conn_init() could not create the timer, OpenSSL cannot set up
+ * the TLS state, the SNI or the name to verify, libuv cannot start reading,
+ * the client's first handshake step fails, or ops->on_ready fails. */
 int fs_h2conn_start(fs_h2conn *c, SSL_CTX *ctx, int server, const char *sni, const char *verify_name);
 
 /* Fills the nghttp2 callbacks the transport owns (send_callback). */
@@ -119,7 +143,10 @@ void fs_h2conn_write(fs_h2conn *c, const void *data, size_t len);
 /* Nonzero when more output may be queued now. */
 int fs_h2conn_writable(const fs_h2conn *c);
 
-/* (Re)arms c->timer to fire ops->on_timer after |ms|; 0 stops it. */
+/* (Re)arms c->timer to fire ops->on_timer after |ms|; 0 stops it.  Does
+ * nothing once |c| is closing, or when it has no timer (fs_h2conn_init).
+ * Never calls back: should libuv refuse to start the timer, |c| closes
+ * with that reason at its next flush. */
 void fs_h2conn_set_timer(fs_h2conn *c, uint64_t ms);
 
 /* Schedules a flush of |c| before the loop next polls. */
@@ -128,6 +155,13 @@ void fs_h2conn_mark(fs_h2conn *c);
 /* Closes |c| with |reason|: ops->on_closing now, ops->on_freed later.
  * Idempotent. */
 void fs_h2conn_close(fs_h2conn *c, const char *reason);
+
+/* Closes |c| with |reason| (copied) at its next flush, before the loop next
+ * polls: nothing is called back now, and input arriving meanwhile is
+ * ignored.  For failures found where ops->on_closing must not run under the
+ * caller (inside nghttp2 callbacks, while walking a list the close would
+ * change).  Does nothing when |c| is already closing or due to. */
+void fs_h2conn_close_soon(fs_h2conn *c, const char *reason);
 
 /* Milliseconds on the loop clock. */
 uint64_t fs_now_ms(void);

@@ -1,6 +1,7 @@
 /*
- * health: the verdict served by grpc.health.v1 and /healthz
- * (conventions.md, "Health").  Pure: inputs in, status and reason out.
+ * health: the verdict served by grpc.health.v1 and /healthz (README.md,
+ * "Health, the admin port and `flower-probe`").  Pure: inputs in, status
+ * and reason out.
  */
 #ifndef FS_HEALTH_H
 #define FS_HEALTH_H

@@ -62,8 +62,6 @@ void fs_log_init(fs_log_format format, fs_log_level min_level, const char *role,
   }
 }
 
-int fs_log_enabled(fs_log_level level) { return level >= L.min_level; }
-
 uint64_t fs_log_suppressed(void) { return suppressed_total; }
 
 uint64_t fs_log_dropped(void) { return L.dropped; }

@@ -1,5 +1,5 @@
 /*
- * log: the event logger (conventions.md, "Event log").
+ * log: the event logger (README.md, "Events").
  *
  * One event = one line, built in a fixed 4096-byte buffer and written with a
  * single write(), so lines from one process never interleave and a pipe
@@ -39,9 +39,6 @@ typedef struct fs_event {
 /* Configures the logger.  |role| must outlive the logger ("link"/"node").
  * Output goes to |fd| (1 for stdout).  Never fails. */
 void fs_log_init(fs_log_format format, fs_log_level min_level, const char *role, int fd);
-
-/* Returns nonzero when events of |level| are written. */
-int fs_log_enabled(fs_log_level level);
 
 /* Starts an event.  Returns 0 (and |ev| must not be used further) when
  * |level| is filtered out, nonzero otherwise. */

@@ -195,14 +195,6 @@ static void node_event(const fs_obs *o, const char *name, uint64_t node_id, doub
   fs_ev_end(&ev);
 }
 
-static uint32_t tree_size(const Flwr__Proto__ObjectTree *t) {
-  uint32_t n = 1;
-  size_t i;
-  if (!t) return 0;
-  for (i = 0; i < t->n_children; i++) n += tree_size(t->children[i]);
-  return n;
-}
-
 static void collect_ids(const Flwr__Proto__ObjectTree *t, const char **ids, size_t *n) {
   size_t i;
   if (!t || *n >= FS_FED_MAX_TREE) return;
@@ -282,7 +274,6 @@ static void emit_pull_messages(const fs_obs *o) {
       d.objects = ids;
       d.n_objects = n;
       fs_fed_dispatch_msg(now(), &d);
-      (void)tree_size;
     }
   }
   if (rs) protobuf_c_message_free_unpacked(&rs->base, NULL);

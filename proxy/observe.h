@@ -1,6 +1,6 @@
 /*
  * observe: turns the Fleet API calls the sidecar carries into events
- * (conventions.md: node.*, message.*, run.fetch, fab.fetch, object.*).
+ * (README.md, "Events": node.*, message.*, run.fetch, fab.fetch, object.*).
  *
  * It reads the bytes exactly as they are forwarded and never changes them.
  * Every Fleet method is unary, so only the first gRPC message of each

@@ -4,9 +4,10 @@
  * (tests/unit/test_policy.c): how long a call may wait for an upstream,
  * whether a call may be repeated, when a stalled call probes its connection
  * and when it gives up, which upstream connection takes a call, how the
- * keepalive time grows after too_many_pings, and the idle timer of a client
- * connection.  The modules that act on them (call.c, uppool.c,
- * downstream.c) only gather the facts and carry the verdict out.
+ * keepalive time grows after too_many_pings, the idle timer of a client
+ * connection, and when a header block is abuse.  The rooms that act on
+ * them (upcall.c, uppool.c, downstream.c) only gather the facts and carry
+ * the verdict out.
  *
  * Times are milliseconds on one clock (the loop's).
  */

@@ -110,7 +110,7 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
 /* --- the connection --------------------------------------------------------- */
 
 static int on_ready(fs_h2conn *h) {
-  if (nghttp2_session_client_new(&h->session, U.cbs, h) != 0 ||
+  if (fs_h2conn_session_new(h, 0, U.cbs, NULL) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, NULL, 0) != 0) {
     snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");
     return -1;
@@ -139,7 +139,7 @@ static void on_connected(uv_connect_t *req, int status) {
     fs_h2conn_close(&c->h2, uv_strerror(status));
     return;
   }
-  fs_h2conn_start(&c->h2, NULL, 0, NULL, NULL);
+  (void)fs_h2conn_start(&c->h2, NULL, 0, NULL, NULL); /* -1: closed, on_closing said why */
 }
 
 static void connect_now(void) {
@@ -210,7 +210,7 @@ static void on_tick(uv_timer_t *t) {
 
 int fs_uphealth_start(uv_loop_t *loop, const char *addr, void (*on_change)(void), char *err, size_t errlen) {
   char host[256];
-  int port;
+  int port, rv;
   memset(&U, 0, sizeof(U));
   U.loop = loop;
   U.on_change = on_change;
@@ -222,14 +222,22 @@ int fs_uphealth_start(uv_loop_t *loop, const char *addr, void (*on_change)(void)
   }
   snprintf(U.name, sizeof(U.name), "%s", addr);
   snprintf(U.reason, sizeof(U.reason), "SuperLink health %s: not checked yet", addr);
-  U.configured = 1;
-  nghttp2_session_callbacks_new(&U.cbs);
+  if (nghttp2_session_callbacks_new(&U.cbs) != 0) {
+    snprintf(err, errlen, "--upstream-health: out of memory");
+    return -1;
+  }
   fs_h2conn_set_callbacks(U.cbs);
   nghttp2_session_callbacks_set_on_header_callback(U.cbs, on_header);
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(U.cbs, on_data);
   nghttp2_session_callbacks_set_on_stream_close_callback(U.cbs, on_stream_close);
-  uv_timer_init(loop, &U.timer);
-  uv_timer_start(&U.timer, on_tick, 0, CHECK_EVERY_MS);
+  if ((rv = uv_timer_init(loop, &U.timer)) == 0 && (rv = uv_timer_start(&U.timer, on_tick, 0, CHECK_EVERY_MS)) < 0)
+    uv_close((uv_handle_t *)&U.timer, NULL); /* static: nothing to free */
+  if (rv < 0) {
+    snprintf(err, errlen, "--upstream-health: cannot start its timer: %s", uv_strerror(rv));
+    nghttp2_session_callbacks_del(U.cbs);
+    return -1;
+  }
+  U.configured = 1; /* from here fs_uphealth_stop() closes the timer */
   return 0;
 }
 

@@ -1,12 +1,14 @@
 /*
  * uphealth: `--upstream-health ADDR` (link role): asks the SuperLink's own
- * grpc.health.v1 server (`flower-superlink --health-server-address`) once a
- * second, over h2c, and remembers whether it answered SERVING.  The
+ * grpc.health.v1 server (`flower-superlink --health-server-address`) every
+ * 500 ms, over h2c, and remembers whether it answered SERVING.  The
  * sidecar's own health then requires it too.
  *
- * One connection, one Check in flight at a time, each bounded by 1 s; a
- * refused connection, a timeout, a non-OK status or any other answer than
- * SERVING counts as not serving.
+ * One connection, one Check in flight at a time; a Check still unanswered
+ * 1 s after it was sent (seen at the next 500 ms tick) closes the
+ * connection, which is reopened at the tick after.  A refused connection, a
+ * timeout, a non-OK status or any other answer than SERVING counts as not
+ * serving.
  */
 #ifndef FS_UPHEALTH_H
 #define FS_UPHEALTH_H

@@ -25,8 +25,9 @@
  * fs_fed_tick runs after every call that moved the clock, and once more an
  * hour later at the end of the input.  Every event line the logger writes
  * is checked: one whole line, at most 4096 bytes, a flat JSON object of
- * strings/numbers/booleans, valid UTF-8, no raw control characters.  A
- * violation aborts (a crash for libFuzzer).
+ * strings/numbers/booleans, valid UTF-8 (by this file's own RFC 3629
+ * checker, not a copy of log.c's, so a bug there is caught), no raw control
+ * characters.  A violation aborts (a crash for libFuzzer).
  *
  * The whole input also goes through fs_grpcmsg_feed (with a size limit
  * taken from it) and fs_fed_parse_server_round, whose own invariants are
@@ -69,6 +70,8 @@ static const char *const paths[FS_FLEET_METHODS] = {
     "/flwr.proto.Fleet/ConfirmMessageReceived",
 };
 
+static void rfc3629_selftest(void);
+
 int LLVMFuzzerInitialize(int *argc, char ***argv) {
   int p[2];
   (void)argc, (void)argv;
@@ -78,6 +81,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
   (void)fcntl(rfd, F_SETFL, O_NONBLOCK);
   fs_log_init(FS_LOG_JSON, FS_LOG_DEBUG, "link", wfd); /* sets O_NONBLOCK on wfd */
   fs_obs_set_clock(fake_clock);
+  rfc3629_selftest();
   return 0;
 }
 
@@ -91,25 +95,89 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     }                                                                                                                  \
   } while (0)
 
-/* Length of the valid UTF-8 sequence at s (strict: no overlongs, no
- * surrogates, <= U+10FFFF), or 0. */
-static size_t utf8_len(const unsigned char *s, size_t n) {
-  unsigned c = s[0];
-  size_t len, i;
-  uint32_t cp;
-  if (c < 0x80) return 1;
-  if (c >= 0xc2 && c <= 0xdf) len = 2, cp = c & 0x1f;
-  else if (c >= 0xe0 && c <= 0xef) len = 3, cp = c & 0x0f;
-  else if (c >= 0xf0 && c <= 0xf4) len = 4, cp = c & 0x07;
-  else return 0;
-  if (len > n) return 0;
-  for (i = 1; i < len; i++) {
-    if ((s[i] & 0xc0) != 0x80) return 0;
-    cp = (cp << 6) | (s[i] & 0x3f);
+/* The checker's own UTF-8 validator, independent of log.c's (which decodes
+ * the code point, then range-checks it): here every well-formed sequence is
+ * one row of RFC 3629's section 4 grammar, matched byte range by byte
+ * range.  The second byte's range is what excludes overlongs (E0, F0),
+ * surrogates U+D800..DFFF (ED) and code points above U+10FFFF (F4); C0,
+ * C1 and F5..FF start no row.  Later bytes are plain tails, 80..BF. */
+static const struct {
+  unsigned char lead_lo, lead_hi, second_lo, second_hi, len;
+} rfc3629_rows[] = {
+    {0x00, 0x7f, 0x00, 0x00, 1}, /* UTF8-1 */
+    {0xc2, 0xdf, 0x80, 0xbf, 2}, /* UTF8-2 */
+    {0xe0, 0xe0, 0xa0, 0xbf, 3}, /* UTF8-3: %xE0 %xA0-BF UTF8-tail */
+    {0xe1, 0xec, 0x80, 0xbf, 3}, /*         %xE1-EC 2( UTF8-tail ) */
+    {0xed, 0xed, 0x80, 0x9f, 3}, /*         %xED %x80-9F UTF8-tail */
+    {0xee, 0xef, 0x80, 0xbf, 3}, /*         %xEE-EF 2( UTF8-tail ) */
+    {0xf0, 0xf0, 0x90, 0xbf, 4}, /* UTF8-4: %xF0 %x90-BF 2( UTF8-tail ) */
+    {0xf1, 0xf3, 0x80, 0xbf, 4}, /*         %xF1-F3 3( UTF8-tail ) */
+    {0xf4, 0xf4, 0x80, 0x8f, 4}, /*         %xF4 %x80-8F 2( UTF8-tail ) */
+};
+
+/* Bytes of the well-formed character at |s| (|avail| bytes readable), or 0
+ * when it is ill-formed or cut short. */
+static size_t rfc3629_char(const unsigned char *s, size_t avail) {
+  size_t r, k;
+  for (r = 0; r < sizeof(rfc3629_rows) / sizeof(rfc3629_rows[0]); r++) {
+    if (s[0] < rfc3629_rows[r].lead_lo || s[0] > rfc3629_rows[r].lead_hi) continue;
+    if (rfc3629_rows[r].len > avail) return 0; /* truncated */
+    if (rfc3629_rows[r].len == 1) return 1;
+    if (s[1] < rfc3629_rows[r].second_lo || s[1] > rfc3629_rows[r].second_hi) return 0;
+    for (k = 2; k < rfc3629_rows[r].len; k++)
+      if (s[k] < 0x80 || s[k] > 0xbf) return 0;
+    return rfc3629_rows[r].len;
   }
-  if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
-    return 0;
-  return len;
+  return 0;
+}
+
+/* The checker is checked before it checks anything: the edges of every
+ * RFC 3629 row, and the classic ill-formed cases (Unicode 15, table 3-7
+ * and section 3.9's examples). */
+static void rfc3629_selftest(void) {
+  static const struct {
+    const char *bytes;
+    size_t n, want;
+  } v[] = {
+      {"\x00", 1, 1},
+      {"\x7f", 1, 1},
+      {"\x80", 1, 0}, /* a lone tail */
+      {"\xbf", 1, 0},
+      {"\xc0\x80", 2, 0}, /* overlong NUL */
+      {"\xc1\xbf", 2, 0}, /* overlong U+007F */
+      {"\xc2\x80", 2, 2}, /* U+0080 */
+      {"\xdf\xbf", 2, 2}, /* U+07FF */
+      {"\xc2\x7f", 2, 0}, /* bad tail */
+      {"\xc2\xc0", 2, 0},
+      {"\xe0\x9f\xbf", 3, 0}, /* overlong U+07FF */
+      {"\xe0\xa0\x80", 3, 3}, /* U+0800 */
+      {"\xec\xbf\xbf", 3, 3},
+      {"\xed\x9f\xbf", 3, 3}, /* U+D7FF */
+      {"\xed\xa0\x80", 3, 0}, /* U+D800, a surrogate */
+      {"\xed\xbf\xbf", 3, 0}, /* U+DFFF */
+      {"\xee\x80\x80", 3, 3}, /* U+E000 */
+      {"\xef\xbf\xbf", 3, 3}, /* U+FFFF */
+      {"\xe2\x82", 2, 0},     /* truncated U+20AC */
+      {"\xe2\x82\xac", 3, 3},
+      {"\xe2\x82\x41", 3, 0},
+      {"\xf0\x8f\xbf\xbf", 4, 0}, /* overlong U+FFFF */
+      {"\xf0\x90\x80\x80", 4, 4}, /* U+10000 */
+      {"\xf0\x9f\x98\x80", 4, 4}, /* U+1F600 */
+      {"\xf0\x9f\x98", 3, 0},     /* truncated */
+      {"\xf3\xbf\xbf\xbf", 4, 4},
+      {"\xf4\x8f\xbf\xbf", 4, 4}, /* U+10FFFF */
+      {"\xf4\x90\x80\x80", 4, 0}, /* U+110000 */
+      {"\xf5\x80\x80\x80", 4, 0},
+      {"\xf8\x88\x80\x80\x80", 5, 0}, /* 5-byte forms are gone */
+      {"\xfe", 1, 0},
+      {"\xff", 1, 0},
+  };
+  size_t i;
+  for (i = 0; i < sizeof(v) / sizeof(v[0]); i++)
+    if (rfc3629_char((const unsigned char *)v[i].bytes, v[i].n) != v[i].want) {
+      fprintf(stderr, "fuzz_observe: UTF-8 checker self-test failed on vector %zu\n", i);
+      abort();
+    }
 }
 
 /* A JSON string at *p (after the opening quote); advances past the closing one. */
@@ -131,7 +199,7 @@ static void check_string(const unsigned char **p, const unsigned char *end) {
     } else {
       size_t l;
       CHECK(*s >= 0x20);
-      l = utf8_len(s, (size_t)(end - s));
+      l = rfc3629_char(s, (size_t)(end - s));
       CHECK(l > 0);
       s += l;
     }

@@ -577,7 +577,7 @@ def test_main_exact_events(main_fed):
 
 
 def test_rpc_error_names_the_node(main_fed):
-    # conventions.md: rpc.error carries method, grpc_status, grpc_message,
+    # README.md, "Events": rpc.error carries method, grpc_status, grpc_message,
     # node_id, duration_ms.  The retried GetRun came from a known node.
     evs = main_fed.events("json")
     errs = check_rpc_errors(main_fed, evs)

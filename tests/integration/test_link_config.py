@@ -1,6 +1,6 @@
 """flower-sidecar link: configuration errors.  A bad flag or variable is exit
 code 2 with one line on stderr naming the flag or variable and the value
-(conventions.md); --help exits 0 and documents every flag the parser knows.
+(README.md, "Flags"); --help exits 0 and documents every flag the parser knows.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """flower-sidecar link: graceful shutdown.  On SIGTERM the listener closes at
 once, calls in flight finish (up to --drain-timeout), and the process exits
-0 (conventions.md: 0 = clean shutdown).
+0 (README.md, "Flags": 0 after a clean shutdown).
 """
 
 from __future__ import annotations

@@ -125,16 +125,51 @@ static ssize_t discard_send(nghttp2_session *s, const uint8_t *d, size_t n, int 
   return (ssize_t)n;
 }
 
+/* Whether this kernel gives a page that is only read a page of its own.
+ * Linux normally maps its shared zero page, which RSS does not count; some
+ * kernels do not (a PVM guest booted with pvm_no_zero_page=1, where the
+ * read pages show in Rss, Anonymous and Private_Dirty, each with its own
+ * frame).  Probed on one fresh private anonymous page, read once and never
+ * written, between two PROT_NONE pages so that its VMA merges with no
+ * other. */
+static int kernel_backs_reads_with_own_pages(void) {
+  size_t pg = page_size();
+  uint8_t *p = mmap(NULL, 3 * pg, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  slot_class probe;
+  volatile uint8_t sink;
+  FILE *f;
+  long rss;
+  assert_true(p != MAP_FAILED);
+  assert_int_equal(mprotect(p + pg, pg, PROT_READ | PROT_WRITE), 0);
+  sink = p[pg];
+  (void)sink;
+  memset(&probe, 0, sizeof(probe));
+  probe.base = p + pg;
+  probe.slot_size = pg;
+  probe.max_slots = 1;
+  assert_non_null(f = fopen("/proc/self/smaps", "r"));
+  rss = rss_in(f, &probe);
+  fclose(f);
+  munmap(p, 3 * pg);
+  print_message("a page only read is %sresident on this kernel\n", rss > 0 ? "" : "not ");
+  return rss > 0;
+}
+
 /* The reason the module exists: an idle server session (preface and SETTINGS
- * exchanged) keeps one page of its big blocks resident, as RSS counts it
- * (with malloc: all 20 kB of them), and deleting it hands every slot back. */
-static void idle_nghttp2_session_keeps_one_page(void **state) {
+ * exchanged) keeps only the pages it touched resident, as RSS counts them
+ * (with malloc: all 20 kB of its big blocks), and deleting it hands every
+ * slot back.  It writes one page (the start of its 16 KiB frame buffer) and
+ * reads one more (the 4 KiB stream table, looked up but empty): with the
+ * zero page that is 1 page per session, without it 2.  A module that
+ * dirtied whole slots would show 6. */
+static void idle_nghttp2_session_keeps_only_pages_it_touched(void **state) {
   static const uint8_t preface[] = "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00";
   nghttp2_settings_entry iv[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 100},
                                  {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 1 << 20}};
   nghttp2_session_callbacks *cbs;
   nghttp2_session *s[8];
   fs_h2mem_stats st;
+  size_t per_session = kernel_backs_reads_with_own_pages() ? 2 : 1;
   int i;
   (void)state;
   assert_int_equal(nghttp2_session_callbacks_new(&cbs), 0);
@@ -149,7 +184,7 @@ static void idle_nghttp2_session_keeps_one_page(void **state) {
   assert_true(g_big.in_use >= 8); /* the 16 KiB frame buffers */
   assert_int_equal(st.fallback_allocs, 0);
   assert_true(fs_h2mem_resident_bytes() >= 0);
-  assert_true((size_t)fs_h2mem_resident_bytes() <= 8 * page_size());
+  assert_true((size_t)fs_h2mem_resident_bytes() <= 8 * per_session * page_size());
   for (i = 0; i < 8; i++) nghttp2_session_del(s[i]);
   fs_h2mem_get_stats(&st);
   assert_int_equal(st.slots_in_use, 0);
@@ -165,7 +200,7 @@ int main(void) {
       cmocka_unit_test_teardown(realloc_keeps_the_bytes, teardown),
       cmocka_unit_test_teardown(realloc_of_null_allocates_from_slots, teardown),
       cmocka_unit_test_teardown(exhausted_range_falls_back_to_malloc, teardown),
-      cmocka_unit_test_teardown(idle_nghttp2_session_keeps_one_page, teardown),
+      cmocka_unit_test_teardown(idle_nghttp2_session_keeps_only_pages_it_touched, teardown),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }

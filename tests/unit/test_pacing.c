@@ -11,6 +11,10 @@
 
 #include "pacing.h"
 
+/* Relations between the constants: the compiler checks them. */
+_Static_assert(FS_PACING_LAN < FS_PACING_DEEP, "a paced connection queues less than a loopback one");
+_Static_assert(FS_PACING_MIN > 16384, "the smallest queue still holds a whole TLS record");
+
 static int wanted4(const char *ip) {
   struct sockaddr_in a;
   memset(&a, 0, sizeof(a));
@@ -53,7 +57,6 @@ static void short_round_trips_keep_the_lan_queue(void **state) {
   assert_int_equal(fs_pacing_cap(1000, 2, 1448), FS_PACING_LAN);
   assert_int_equal(fs_pacing_cap(FS_PACING_WAN_RTT_US - 1, 1, 1448), FS_PACING_LAN);
   assert_false(fs_pacing_is_wan(FS_PACING_WAN_RTT_US - 1));
-  assert_true(FS_PACING_LAN < FS_PACING_DEEP);
 }
 
 /* A WAN link gets about one congestion window. */
@@ -68,7 +71,6 @@ static void wan_gets_one_congestion_window(void **state) {
 static void window_is_clamped(void **state) {
   (void)state;
   assert_int_equal(fs_pacing_cap(400000, 2, 1448), FS_PACING_MIN);
-  assert_true(FS_PACING_MIN > 16384);
   assert_int_equal(fs_pacing_cap(50000, 10000, 1448), FS_PACING_LAN);
   assert_int_equal(fs_pacing_cap(50000, 0xffffffffu, 0xffffffffu), FS_PACING_LAN); /* no overflow */
 }
