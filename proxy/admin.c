@@ -16,7 +16,9 @@
 #include "h2conn.h"
 #include "health.h"
 #include "health.pb-c.h"
+#include "list.h"
 #include "log.h"
+#include "net.h"
 #include "metrics.h"
 #include "fedstate.h"
 #include "grpc.h"
@@ -35,6 +37,10 @@
 /* Admin connections at once, at most: a local flood must not take the file
  * descriptors the Fleet listener needs. */
 #define MAX_ADMIN_CONNS 256
+/* An HTTP/2 admin connection with no stream open closes after this. */
+#define IDLE_TIMEOUT_MS 30000
+/* Watch streams, all connections together; more get RESOURCE_EXHAUSTED. */
+#define MAX_WATCHERS 1024
 
 enum { M_OTHER = 0, M_CHECK, M_WATCH };
 
@@ -47,19 +53,20 @@ struct astream {
   uint8_t method, end_after, deferred, overflow;
   uint8_t req[REQ_MAX];
   size_t req_len;
-  fs_bufq out;            /* framed HealthCheckResponse messages not yet sent */
-  astream *prev, *next;   /* the connection's streams */
-  astream *wprev, *wnext; /* watchers */
-  uint8_t watching, unknown_service, complete;
+  fs_bufq out;        /* framed HealthCheckResponse messages not yet sent */
+  fs_list_node node;  /* in the connection's streams */
+  fs_list_node wnode; /* in A.watchers while it is a Watch */
+  uint8_t unknown_service, complete;
 };
 
 struct aconn {
   fs_h2conn h2;
   char *head; /* HTTP/1.1 or preface bytes while sniffing */
   size_t head_len;
-  astream *streams;
+  fs_list_node streams;
+  uint32_t nstreams;
   uint32_t incomplete; /* streams whose request has not fully arrived */
-  aconn *prev, *next;
+  fs_list_node node;   /* in A.conns */
 };
 
 static struct {
@@ -67,9 +74,11 @@ static struct {
   const fs_config *cfg;
   uv_tcp_t listener;
   int listening;
-  aconn *conns;
+  fs_list_node conns; /* newest first */
   uint32_t nconns;
-  astream *watchers;
+  uint32_t nclosing; /* of them, closing (not yet freed) */
+  fs_list_node watchers;
+  uint32_t nwatchers;
   nghttp2_session_callbacks *cbs;
   fs_health_status status;
   const char *reason;
@@ -93,7 +102,7 @@ static void push_status(astream *s, fs_health_status st);
 void fs_admin_update(void) {
   const char *reason;
   fs_health_status st = current(&reason);
-  astream *w, *next;
+  fs_list_node *n, *next;
   fs_event ev;
   if (st == A.status) return;
   if (fs_ev_begin(&ev, st == FS_HEALTH_SERVING ? FS_LOG_INFO : FS_LOG_WARN, "health.change")) {
@@ -108,8 +117,8 @@ void fs_admin_update(void) {
   }
   A.status = st;
   A.reason = reason;
-  for (w = A.watchers; w; w = next) {
-    next = w->wnext; /* push_status may take |w| off the list */
+  fs_list_for_each_safe(n, next, &A.watchers) { /* push_status may take |w| off the list, no other */
+    astream *w = fs_list_entry(n, astream, wnode);
     if (!w->unknown_service) push_status(w, st);
   }
 }
@@ -117,26 +126,39 @@ void fs_admin_update(void) {
 /* --- gRPC health service --------------------------------------------------- */
 
 static void watch_del(astream *s) {
-  if (!s->watching) return;
-  if (s->wprev) s->wprev->wnext = s->wnext;
-  else A.watchers = s->wnext;
-  if (s->wnext) s->wnext->wprev = s->wprev;
-  s->watching = 0;
+  if (!fs_list_linked(&s->wnode)) return;
+  fs_list_remove(&s->wnode);
+  A.nwatchers--;
+}
+
+/* The connection's timer: REQUEST_TIMEOUT_MS while a request is incomplete
+ * (counted from the first of them), IDLE_TIMEOUT_MS while it has no stream
+ * at all, none while only answered streams (Watch) are open.  Sending the
+ * HTTP/2 preface alone no longer stops the clock. */
+static void conn_timer_update(aconn *c) {
+  if (c->h2.closing) return;
+  if (c->incomplete > 0) {
+    if (!uv_is_active((uv_handle_t *)&c->h2.timer)) fs_h2conn_set_timer(&c->h2, REQUEST_TIMEOUT_MS);
+  } else {
+    fs_h2conn_set_timer(&c->h2, c->nstreams == 0 ? IDLE_TIMEOUT_MS : 0);
+  }
 }
 
 static void request_done(astream *s) {
   if (s->complete) return;
   s->complete = 1;
-  if (--s->conn->incomplete == 0) fs_h2conn_set_timer(&s->conn->h2, 0);
+  s->conn->incomplete--;
+  fs_h2conn_set_timer(&s->conn->h2, 0);
+  conn_timer_update(s->conn);
 }
 
 static void stream_free(astream *s) {
   aconn *c = s->conn;
   request_done(s);
   watch_del(s);
-  if (s->prev) s->prev->next = s->next;
-  else c->streams = s->next;
-  if (s->next) s->next->prev = s->prev;
+  fs_list_remove(&s->node);
+  c->nstreams--;
+  conn_timer_update(c);
   fs_bufq_reset(&s->out);
   free(s);
 }
@@ -235,6 +257,10 @@ static void on_request_complete(astream *s) {
     respond_error(s, FS_GRPC_NOT_FOUND, "unknown service");
     return;
   }
+  if (s->method == M_WATCH && A.nwatchers >= MAX_WATCHERS) {
+    respond_error(s, FS_GRPC_RESOURCE_EXHAUSTED, "flower-sidecar: too many Watch streams on the admin port");
+    return;
+  }
   prd.source.ptr = s;
   prd.read_callback = read_cb;
   if ((rv = nghttp2_submit_response(s->conn->h2.session, s->sid, nv, 2, &prd)) != 0) {
@@ -247,11 +273,8 @@ static void on_request_complete(astream *s) {
   } else {
     s->unknown_service = !known;
     push_status(s, known ? current(&reason) : FS_HEALTH_SERVICE_UNKNOWN);
-    s->watching = 1;
-    s->wprev = NULL;
-    s->wnext = A.watchers;
-    if (A.watchers) A.watchers->wprev = s;
-    A.watchers = s;
+    fs_list_push_front(&A.watchers, &s->wnode);
+    A.nwatchers++;
   }
 }
 
@@ -268,10 +291,11 @@ static int on_begin_headers(nghttp2_session *ses, const nghttp2_frame *frame, vo
   s->conn = c;
   s->sid = frame->hd.stream_id;
   fs_bufq_init(&s->out, 4096);
-  s->next = c->streams;
-  if (c->streams) c->streams->prev = s;
-  c->streams = s;
-  if (c->incomplete++ == 0) fs_h2conn_set_timer(&c->h2, REQUEST_TIMEOUT_MS);
+  fs_list_node_init(&s->wnode);
+  fs_list_push_front(&c->streams, &s->node);
+  c->nstreams++;
+  c->incomplete++;
+  conn_timer_update(c);
   return 0;
 }
 
@@ -319,7 +343,8 @@ static int on_stream_close(nghttp2_session *ses, int32_t sid, uint32_t code, voi
 static int a_ready(fs_h2conn *h) {
   nghttp2_settings_entry iv[] = {{NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 1000},
                                  {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 16384}};
-  fs_h2conn_set_timer(h, 0);
+  /* The request timer set at accept keeps running: a preface alone does
+   * not hold an admin slot (conn_timer_update takes over per stream). */
   if (fs_h2conn_session_new(h, 1, A.cbs, NULL) != 0 ||
       nghttp2_submit_settings(h->session, NGHTTP2_FLAG_NONE, iv, 2) != 0) {
     snprintf(h->close_reason, sizeof(h->close_reason), "out of memory");
@@ -330,19 +355,20 @@ static int a_ready(fs_h2conn *h) {
 
 static void a_closing(fs_h2conn *h, const char *reason) {
   aconn *c = (aconn *)h;
+  fs_list_node *n;
   (void)reason;
-  while (c->streams) stream_free(c->streams);
+  A.nclosing++;
+  while ((n = fs_list_first(&c->streams))) stream_free(fs_list_entry(n, astream, node));
 }
 
 static void a_freed(fs_h2conn *h) {
   aconn *c = (aconn *)h;
-  if (c->prev) c->prev->next = c->next;
-  else A.conns = c->next;
-  if (c->next) c->next->prev = c->prev;
+  fs_list_remove(&c->node);
   A.nconns--;
+  A.nclosing--;
   free(c->head);
   free(c);
-  if (!A.listening && !A.conns && A.on_closed) {
+  if (!A.listening && fs_list_empty(&A.conns) && A.on_closed) {
     void (*cb)(void) = A.on_closed;
     A.on_closed = NULL;
     nghttp2_session_callbacks_del(A.cbs);
@@ -350,7 +376,10 @@ static void a_freed(fs_h2conn *h) {
   }
 }
 
-static void a_timer(fs_h2conn *h) { fs_h2conn_close(h, "admin request timeout"); }
+static void a_timer(fs_h2conn *h) {
+  aconn *c = (aconn *)h;
+  fs_h2conn_close(h, h->session && c->incomplete == 0 ? "admin connection idle" : "admin request timeout");
+}
 
 static void http_reply(aconn *c, int code, const char *status, const char *ctype, const char *body, int head_only) {
   char hdr[512];
@@ -466,18 +495,35 @@ static void a_raw(fs_h2conn *h, const uint8_t *data, size_t len) {
 static const fs_h2conn_ops admin_ops = {
     .on_ready = a_ready, .on_closing = a_closing, .on_freed = a_freed, .on_timer = a_timer, .on_raw = a_raw};
 
+/* At MAX_ADMIN_CONNS, a new connection (a READY_SCRIPT probe, a scrape)
+ * takes the place of the oldest one that is not serving a Watch: a client
+ * that opens connections and says nothing cannot lock the admin port.
+ * Returns 0 when a place was made. */
+static int evict_oldest_idle(void) {
+  fs_list_node *n;
+  for (n = A.conns.prev; n != &A.conns; n = n->prev) {
+    aconn *c = fs_list_entry(n, aconn, node);
+    if (c->h2.closing || (c->nstreams > 0 && c->incomplete == 0)) continue;
+    fs_h2conn_close(&c->h2, "admin: oldest idle connection closed for a new one");
+    return 0;
+  }
+  return -1;
+}
+
 static void on_accept(uv_stream_t *server, int status) {
   aconn *c;
-  if (status < 0 || !(c = calloc(1, sizeof(*c)))) return;
+  if (status < 0) return;
+  /* When every place serves a Watch, the newcomer is refused below. */
+  if (A.nconns - A.nclosing >= MAX_ADMIN_CONNS) (void)evict_oldest_idle();
+  if (!(c = calloc(1, sizeof(*c)))) return;
   if (fs_h2conn_init(&c->h2, A.loop, &admin_ops) < 0) {
     free(c);
     return;
   }
-  c->next = A.conns;
-  if (A.conns) A.conns->prev = c;
-  A.conns = c;
+  fs_list_init(&c->streams);
+  fs_list_push_front(&A.conns, &c->node);
   A.nconns++;
-  if (uv_accept(server, (uv_stream_t *)&c->h2.tcp) < 0 || A.nconns > MAX_ADMIN_CONNS) {
+  if (uv_accept(server, (uv_stream_t *)&c->h2.tcp) < 0 || A.nconns - A.nclosing > MAX_ADMIN_CONNS) {
     fs_h2conn_close(&c->h2, "accept failed or too many admin connections");
     return;
   }
@@ -487,10 +533,9 @@ static void on_accept(uv_stream_t *server, int status) {
 }
 
 int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errlen) {
-  char host[256];
-  int port, rv;
-  struct sockaddr_storage ss;
   memset(&A, 0, sizeof(A));
+  fs_list_init(&A.conns);
+  fs_list_init(&A.watchers);
   A.loop = loop;
   A.cfg = cfg;
   A.status = FS_HEALTH_UNKNOWN;
@@ -501,34 +546,25 @@ int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errl
   nghttp2_session_callbacks_set_on_data_chunk_recv_callback(A.cbs, on_data_chunk);
   nghttp2_session_callbacks_set_on_frame_recv_callback(A.cbs, on_frame_recv);
   nghttp2_session_callbacks_set_on_stream_close_callback(A.cbs, on_stream_close);
-  if (fs_hostport_split(cfg->admin, host, sizeof(host), &port) < 0)
-    return snprintf(err, errlen, "invalid --admin: '%s'", cfg->admin), -1;
-  if (!host[0]) strcpy(host, "127.0.0.1");
-  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
-      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0)
-    return snprintf(err, errlen, "invalid --admin: '%s' (not a numeric IP address)", cfg->admin), -1;
-  if ((rv = uv_tcp_init(loop, &A.listener)) < 0)
-    return snprintf(err, errlen, "cannot listen on --admin %s: %s", cfg->admin, uv_strerror(rv)), -1;
-  A.listening = 1; /* from here fs_admin_stop() closes the listener */
-  if ((rv = uv_tcp_bind(&A.listener, (struct sockaddr *)&ss, 0)) < 0 ||
-      (rv = uv_listen((uv_stream_t *)&A.listener, 128, on_accept)) < 0)
-    return snprintf(err, errlen, "cannot listen on --admin %s: %s", cfg->admin, uv_strerror(rv)), -1;
+  {
+    int opened = 0,
+        rv = fs_net_listen(loop, &A.listener, cfg->admin, "127.0.0.1", "--admin", 128, on_accept, &opened, err, errlen);
+    A.listening = opened; /* from here fs_admin_stop() closes the listener */
+    if (rv < 0) return -1;
+  }
   fs_admin_update();
   return 0;
 }
 
 void fs_admin_stop(void (*on_closed)(void)) {
-  aconn *c, *next;
+  fs_list_node *n, *next;
   A.on_closed = on_closed;
   if (A.listening) {
     A.listening = 0;
     uv_close((uv_handle_t *)&A.listener, NULL);
   }
-  for (c = A.conns; c; c = next) {
-    next = c->next;
-    fs_h2conn_close(&c->h2, "shutting down");
-  }
-  if (!A.conns && A.on_closed) {
+  fs_list_for_each_safe(n, next, &A.conns) fs_h2conn_close(&fs_list_entry(n, aconn, node)->h2, "shutting down");
+  if (fs_list_empty(&A.conns) && A.on_closed) {
     A.on_closed = NULL;
     nghttp2_session_callbacks_del(A.cbs);
     on_closed();

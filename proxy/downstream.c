@@ -13,6 +13,7 @@
 #include "fleet.h"
 #include "h2mem.h"
 #include "log.h"
+#include "net.h"
 #include "policy.h"
 #include "uppool.h"
 
@@ -325,21 +326,6 @@ static const fs_h2conn_ops conn_ops = {.on_ready = conn_ready,
                                        .on_freed = conn_freed,
                                        .on_timer = conn_timer};
 
-static void peer_name(uv_tcp_t *t, char *out, size_t len) {
-  struct sockaddr_storage ss;
-  int sl = sizeof(ss);
-  char host[INET6_ADDRSTRLEN] = "?";
-  out[0] = '\0';
-  if (uv_tcp_getpeername(t, (struct sockaddr *)&ss, &sl) < 0) return;
-  if (ss.ss_family == AF_INET6) {
-    if (uv_ip6_name((struct sockaddr_in6 *)&ss, host, sizeof(host)) != 0) snprintf(host, sizeof(host), "?");
-    snprintf(out, len, "[%s]:%d", host, ntohs(((struct sockaddr_in6 *)&ss)->sin6_port));
-  } else {
-    if (uv_ip4_name((struct sockaddr_in *)&ss, host, sizeof(host)) != 0) snprintf(host, sizeof(host), "?");
-    snprintf(out, len, "%s:%d", host, ntohs(((struct sockaddr_in *)&ss)->sin_port));
-  }
-}
-
 static void on_refused_closed(uv_handle_t *h) { free(h); }
 
 /* At --max-connections: take the connection off the backlog and close it
@@ -356,7 +342,7 @@ static void refuse(uv_stream_t *server) {
     fs_env.stats.conns_refused++;
     if (fs_ev_begin(&ev, FS_LOG_WARN, "conn.refused")) {
       char peer[64];
-      peer_name(t, peer, sizeof(peer));
+      fs_net_peer_name(t, peer, sizeof(peer));
       fs_ev_str(&ev, "peer", peer);
       fs_ev_u64(&ev, "max_connections", D.max_conns);
       fs_ev_end(&ev);
@@ -386,7 +372,7 @@ static void on_accept(uv_stream_t *server, int status) {
     return;
   }
   fs_env.stats.conns_total++;
-  peer_name(&d->pc.h2.tcp, d->pc.h2.peer, sizeof(d->pc.h2.peer));
+  fs_net_peer_name(&d->pc.h2.tcp, d->pc.h2.peer, sizeof(d->pc.h2.peer));
   if (D.tls) fs_h2conn_set_timer(&d->pc.h2, handshake_ms());
   /* On failure the connection is closed already and frees itself. */
   (void)fs_h2conn_start(&d->pc.h2, D.tls, 1, NULL, NULL);
@@ -395,10 +381,6 @@ static void on_accept(uv_stream_t *server, int status) {
 /* --- the listener's life ------------------------------------------------------------- */
 
 int fs_downstream_start(SSL_CTX *tls, void (*on_maybe_idle)(void), char *err, size_t errlen) {
-  const char *addr = fs_env.cfg->listen;
-  char host[256];
-  int port, rv;
-  struct sockaddr_storage ss;
   memset(&D, 0, sizeof(D));
   D.tls = tls;
   D.on_maybe_idle = on_maybe_idle;
@@ -424,22 +406,11 @@ int fs_downstream_start(SSL_CTX *tls, void (*on_maybe_idle)(void), char *err, si
   nghttp2_option_set_no_auto_window_update(D.opt, 1);
   (void)uv_timer_init(fs_env.loop, &D.drain_timer); /* cannot fail on a live loop */
 
-  fs_hostport_split(addr, host, sizeof(host), &port);
-  if (!host[0]) strcpy(host, "0.0.0.0");
-  if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
-      uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0) {
-    snprintf(err, errlen, "invalid --listen: '%s' (not a numeric IP address)", addr);
-    return -1;
-  }
-  if ((rv = uv_tcp_init(fs_env.loop, &D.listener)) < 0) {
-    snprintf(err, errlen, "cannot listen on %s: %s", addr, uv_strerror(rv));
-    return -1;
-  }
-  D.listening = 1;
-  if ((rv = uv_tcp_bind(&D.listener, (struct sockaddr *)&ss, 0)) < 0 ||
-      (rv = uv_listen((uv_stream_t *)&D.listener, 1024, on_accept)) < 0) {
-    snprintf(err, errlen, "cannot listen on %s: %s", addr, uv_strerror(rv));
-    return -1;
+  {
+    int opened = 0, rv = fs_net_listen(fs_env.loop, &D.listener, fs_env.cfg->listen, "0.0.0.0", "--listen", 1024,
+                                       on_accept, &opened, err, errlen);
+    D.listening = (uint8_t)opened; /* from here fs_downstream_drain() closes the listener */
+    if (rv < 0) return -1;
   }
   return 0;
 }

@@ -15,7 +15,8 @@
 
 static uv_loop_t *g_loop;
 static uv_prepare_t g_flush;
-static fs_h2conn *g_dirty;
+/* Connections marked for a flush before the loop next polls (fs_h2conn.dnode). */
+static fs_list_node g_dirty = {&g_dirty, &g_dirty};
 /* Reads are processed synchronously, so one buffer serves every socket. */
 static uint8_t g_rbuf[64 * 1024];
 /* TLS plaintext staging: only the connection being flushed writes to it, and
@@ -62,22 +63,11 @@ static int bio_create(BIO *b) {
 
 /* --- flushing ------------------------------------------------------------ */
 
-static void dirty_remove(fs_h2conn *c) {
-  if (!c->dirty) return;
-  if (c->dprev) c->dprev->dnext = c->dnext;
-  else g_dirty = c->dnext;
-  if (c->dnext) c->dnext->dprev = c->dprev;
-  c->dprev = c->dnext = NULL;
-  c->dirty = 0;
-}
+static void dirty_remove(fs_h2conn *c) { fs_list_remove(&c->dnode); }
 
 void fs_h2conn_mark(fs_h2conn *c) {
-  if (c->dirty || c->closing) return;
-  c->dirty = 1;
-  c->dprev = NULL;
-  c->dnext = g_dirty;
-  if (g_dirty) g_dirty->dprev = c;
-  g_dirty = c;
+  if (fs_list_linked(&c->dnode) || c->closing) return;
+  fs_list_push_front(&g_dirty, &c->dnode);
 }
 
 void fs_h2conn_close_soon(fs_h2conn *c, const char *reason) {
@@ -269,9 +259,10 @@ static void flush(fs_h2conn *c) {
 }
 
 static void on_prepare(uv_prepare_t *h) {
-  fs_h2conn *c;
+  fs_list_node *n;
   (void)h;
-  while ((c = g_dirty) != NULL) {
+  while ((n = fs_list_first(&g_dirty)) != NULL) {
+    fs_h2conn *c = fs_list_entry(n, fs_h2conn, dnode);
     dirty_remove(c);
     flush(c);
   }

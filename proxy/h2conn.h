@@ -27,6 +27,7 @@
 #include <uv.h>
 
 #include "bufq.h"
+#include "list.h"
 #include "pacing.h"
 
 /* TLS plaintext is gathered into records of this size. */
@@ -71,11 +72,11 @@ struct fs_h2conn {
   uv_write_t wreq;
   const uint8_t *rx; /* ciphertext the BIO hands to OpenSSL */
   size_t rx_len;
-  fs_h2conn *dprev, *dnext;     /* dirty list */
+  fs_list_node dnode;           /* in the list of connections to flush (zeroed: in none) */
   uint64_t bytes_in, bytes_out; /* socket bytes */
   uint64_t last_rx_ms;          /* loop time of the last byte read */
   uint64_t opened_ms;
-  uint8_t dirty, closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
+  uint8_t closing, tls_ready, open_handles, connected, tls_fail_reported, close_after_flush;
   uint8_t pacing_off;    /* loopback peer: never paced (pacing.h) */
   uint8_t timer_open;    /* |timer| was initialised (fs_h2conn_init) */
   uint8_t close_pending; /* closes with |close_reason| at its next flush */

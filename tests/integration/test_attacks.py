@@ -322,3 +322,57 @@ def test_zero_window_clients_cannot_exhaust_memory(link, echo):
     assert peak < 128 * 1024, f"peak RSS {peak / 1024:.1f} MiB"
     assert after < base + 32 * 1024, f"RSS after {after / 1024:.1f} MiB (before {base / 1024:.1f})"
     assert unary(link.channel(), "Unary", b"after", timeout=30) == b"after"
+
+
+def test_the_admin_port_cannot_be_locked(link):
+    """300 connections to the admin port that send the HTTP/2 preface and
+    nothing else.  Before, the preface stopped the 10 s request timer and 256
+    of them held every admin slot for good: /healthz and the READY_SCRIPT
+    were locked out.  Now a new connection takes the place of the oldest one
+    that serves no Watch, and one that opens no stream is closed after 10 s
+    (30 s once it has served a request); /healthz answers throughout."""
+    socks = []
+    for _ in range(300):
+        s = socket.create_connection(("127.0.0.1", link.admin_port), timeout=5)
+        s.sendall(h2raw.PREFACE + h2raw.frame(h2raw.SETTINGS, 0, 0))
+        socks.append(s)
+    t0 = time.monotonic()
+    answers = []
+    while time.monotonic() - t0 < 2:
+        answers.append(healthz(link))
+        time.sleep(0.1)
+    closed = sum(closed_by_peer(s, 0.01) for s in socks)
+    print(f"admin: {len(socks)} preface-only connections, /healthz {answers.count(200)} of {len(answers)} answered "
+          f"SERVING, {closed} already closed")
+    assert answers and all(a == 200 for a in answers), answers
+    # The oldest went to make room; the rest go when their request timer ends.
+    wait_for(lambda: all(closed_by_peer(s, 0.01) for s in socks), 15 * SLOW, "the idle admin connections to close")
+    for s in socks:
+        s.close()
+
+
+def test_watch_streams_are_capped(link):
+    """Watch streams cost the sidecar a stream each for as long as the
+    client likes (50k of them took 83 MB): at most 1024 in all; the next
+    one ends RESOURCE_EXHAUSTED at once, and Check keeps answering."""
+    chans = [grpc.insecure_channel(f"127.0.0.1:{link.admin_port}", options=[("grpc.use_local_subchannel_pool", 1),
+                                                                             ("grpc.channel_id", i)])
+             for i in range(3)]
+    watches = []
+    for i in range(1024):
+        call = chans[i % 2].unary_stream("/grpc.health.v1.Health/Watch")(b"", timeout=60)
+        watches.append(call)
+    first = [next(w) for w in watches[:5]]
+    wait_for(lambda: len([e for e in watches if e.is_active()]) == 1024, 10 * SLOW, "1024 Watch streams")
+    over = chans[2].unary_stream("/grpc.health.v1.Health/Watch")(b"", timeout=10)
+    try:
+        list(over)
+        raise AssertionError("the 1025th Watch was accepted")
+    except grpc.RpcError as e:
+        assert e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, (e.code(), e.details())
+    check = chans[2].unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5)
+    assert check == b"\x08\x01" and first[0] == b"\x08\x01"  # SERVING
+    for w in watches:
+        w.cancel()
+    for c in chans:
+        c.close()
