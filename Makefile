@@ -10,7 +10,7 @@ PYGEN    := $(BUILD)/py
 # Debian packages the build, tests and demo need.
 DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
             libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
-            libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-cryptography \
+            libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-pytest-xdist python3-cryptography \
             nghttp2-client openssl iproute2 nftables clang clang-format libclang-rt-14-dev valgrind prometheus
 
 PKGS     := libuv openssl libnghttp2 libprotobuf-c
@@ -124,8 +124,13 @@ unit-asan: $(UNIT_ASAN)
 	@set -e; for t in $(UNIT_ASAN); do echo "== $$t (asan+ubsan)"; \
 	  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t; done
 
+# Integration tests run PYTEST_JOBS at a time (pytest-xdist); most of their
+# time is spent waiting (timeouts, outages, polling), not computing.  Tests
+# that share a module fixture carry an xdist_group mark (--dist loadgroup).
+# PYTEST_JOBS=0: one at a time, in this process.
+PYTEST_JOBS ?= 4
 integration: all $(BUILD)/flower-sidecar-asan
-	/usr/bin/python3 -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+	/usr/bin/python3 -m pytest -q -p no:cacheprovider -n $(PYTEST_JOBS) --dist loadgroup tests/integration $(PYTEST_ARGS)
 
 # Each stage in turn, with its time and the total at the end (tests/stages.sh).
 test: deps

@@ -59,6 +59,10 @@ EMULATOR = str(ROOT / "tests" / "emulator" / "fleet_emulator.py")
 sys.path.insert(0, str(ROOT / "tests" / "emulator"))
 import fleet_emulator as emu  # noqa: E402
 
+# The federations are module fixtures: under pytest-xdist, one worker runs
+# this whole module, each federation once.
+pytestmark = pytest.mark.xdist_group("test_events")
+
 FAST_NODE = ["--poll-interval", "0.1", "--max-retry-wait", "0.2"]
 RUN_TIMEOUT = 60 * SLOW
 
