@@ -10,7 +10,7 @@ PYGEN    := $(BUILD)/py
 # Debian packages the build, tests and demo need.
 DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
             libprotobuf-c-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
-            libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-cryptography \
+            libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-pytest-xdist python3-cryptography \
             nghttp2-client openssl iproute2 nftables clang clang-format libclang-rt-14-dev valgrind prometheus
 
 PKGS     := libuv openssl libnghttp2 libprotobuf-c
@@ -34,6 +34,11 @@ PROTO_PY    := $(patsubst proto/%.proto,$(PYGEN)/%_pb2.py,$(PROTOS))
 PROXY_SRC   := $(filter-out proxy/main.c,$(wildcard proxy/*.c))
 PROXY_OBJ   := $(patsubst proxy/%.c,$(BUILD)/obj/%.o,$(PROXY_SRC))
 PROTO_OBJ   := $(patsubst $(GEN)/%.c,$(BUILD)/obj/%.o,$(PROTO_C))
+
+# The same modules under ASan+UBSan, for unit-asan and flower-sidecar-asan:
+# compiled once, not once per test.
+PROXY_ASAN_OBJ := $(patsubst proxy/%.c,$(BUILD)/obj-asan/%.o,$(PROXY_SRC))
+PROTO_ASAN_OBJ := $(patsubst $(GEN)/%.c,$(BUILD)/obj-asan/%.o,$(PROTO_C))
 
 UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
@@ -76,6 +81,17 @@ $(BUILD)/obj/%.pb-c.o: $(GEN)/%.pb-c.c $(PROTO_H)
 $(BUILD)/libsidecar.a: $(PROXY_OBJ) $(PROTO_OBJ)
 	rm -f $@; ar rcs $@ $^
 
+$(BUILD)/obj-asan/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
+
+$(BUILD)/obj-asan/%.pb-c.o: $(GEN)/%.pb-c.c $(PROTO_H)
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(SAN_FLAGS) -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
+
+$(BUILD)/libsidecar-asan.a: $(PROXY_ASAN_OBJ) $(PROTO_ASAN_OBJ)
+	rm -f $@; ar rcs $@ $^
+
 $(BUILD)/flower-sidecar: proxy/main.c $(BUILD)/libsidecar.a
 	$(CC) $(ALL_CFLAGS) -o $@ $< $(BUILD)/libsidecar.a $(PKG_LIBS) -lm
 
@@ -89,17 +105,17 @@ $(BUILD)/unit/%: tests/unit/%.c $(BUILD)/libsidecar.a
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -Wno-unused-function -o $@ $< $(BUILD)/libsidecar.a $(PKG_LIBS) -lcmocka -lm
 
-$(BUILD)/unit-asan/%: tests/unit/%.c $(PROXY_SRC) $(PROTO_C) $(PROTO_H)
+# As with libsidecar.a, a test that #includes a module's .c (to reach its
+# statics) defines that module's symbols itself, so the archive's copy is
+# never linked in.
+$(BUILD)/unit-asan/%: tests/unit/%.c $(BUILD)/libsidecar-asan.a
 	@mkdir -p $(dir $@)
-	@# a test that #includes a module's .c (to reach its statics) replaces that module
-	incl=$$(grep -oE '^#include "[a-z0-9_]+\.c"' $< | sed -E 's/.*"(.*)"/proxy\/\1/'); \
-	srcs=""; for f in $(PROXY_SRC); do case " $$incl " in *" $$f "*) ;; *) srcs="$$srcs $$f";; esac; done; \
 	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) -Wno-unused-function $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) \
-	  -o $@ $< $$srcs $(PROTO_C) $(PKG_LIBS) -lcmocka -lm
+	  -o $@ $< $(BUILD)/libsidecar-asan.a $(PKG_LIBS) -lcmocka -lm
 
-$(BUILD)/flower-sidecar-asan: proxy/main.c $(PROXY_SRC) $(PROTO_C) $(PROTO_H)
+$(BUILD)/flower-sidecar-asan: proxy/main.c $(BUILD)/libsidecar-asan.a
 	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) \
-	  -o $@ proxy/main.c $(PROXY_SRC) $(PROTO_C) $(PKG_LIBS) -lm
+	  -o $@ proxy/main.c $(BUILD)/libsidecar-asan.a $(PKG_LIBS) -lm
 
 unit: $(UNIT_BIN)
 	@set -e; for t in $(UNIT_BIN); do echo "== $$t"; $$t; done
@@ -108,16 +124,17 @@ unit-asan: $(UNIT_ASAN)
 	@set -e; for t in $(UNIT_ASAN); do echo "== $$t (asan+ubsan)"; \
 	  ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 $$t; done
 
+# Integration tests run PYTEST_JOBS at a time (pytest-xdist); most of their
+# time is spent waiting (timeouts, outages, polling), not computing.  Tests
+# that share a module fixture carry an xdist_group mark (--dist loadgroup).
+# PYTEST_JOBS=0: one at a time, in this process.
+PYTEST_JOBS ?= 4
 integration: all $(BUILD)/flower-sidecar-asan
-	/usr/bin/python3 -m pytest -q -p no:cacheprovider tests/integration $(PYTEST_ARGS)
+	/usr/bin/python3 -m pytest -q -p no:cacheprovider -n $(PYTEST_JOBS) --dist loadgroup tests/integration $(PYTEST_ARGS)
 
+# Each stage in turn, with its time and the total at the end (tests/stages.sh).
 test: deps
-	$(MAKE) format-check
-	$(MAKE) all
-	$(MAKE) unit
-	$(MAKE) unit-asan
-	$(MAKE) fuzz-corpus
-	$(MAKE) integration
+	@MAKE="$(MAKE)" tests/stages.sh format-check all unit unit-asan fuzz-corpus integration
 
 # libFuzzer (clang) on the Fleet observer, fedstate, the gRPC message
 # splitter and the event logger: tests/fuzz/fuzz_observe.c.  `make fuzz`

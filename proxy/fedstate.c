@@ -16,6 +16,8 @@ typedef struct fnode {
   int64_t cur_round;          /* -1: not known (yet) */
   uint64_t pend_in, pend_out; /* object bytes before its round was known */
   uint32_t pushes_left;       /* objects its reply still has to push */
+  uint64_t unsettled_in;      /* bytes of pushes counted on arrival whose call has not ended */
+  uint64_t unsettled_serial;  /* the round they were counted in */
   uint8_t used, active, offline;
 } fnode;
 
@@ -240,13 +242,14 @@ static char *dup_str(const char *s) {
   return d;
 }
 
-static fround *round_of_node(const fnode *n) {
+static fround *round_open(uint64_t serial) {
   int i;
-  if (!n || n->cur_round < 0) return NULL;
   for (i = 0; i < MAX_ROUNDS; i++)
-    if (F.rounds[i].open && F.rounds[i].serial == n->cur_serial) return &F.rounds[i];
+    if (F.rounds[i].open && F.rounds[i].serial == serial) return &F.rounds[i];
   return NULL;
 }
+
+static fround *round_of_node(const fnode *n) { return n && n->cur_round >= 0 ? round_open(n->cur_serial) : NULL; }
 
 static fround *round_find(uint64_t run_id, const char *type, int64_t round) {
   int i;
@@ -469,6 +472,13 @@ void fs_fed_confirm(uint64_t now, uint64_t node_id, uint64_t run_id, const char 
   }
 }
 
+/* One of the objects |n|'s reply announced arrived. */
+static void reply_object_in(fnode *n, fround *r) {
+  if (!n->pushes_left) return;
+  n->pushes_left--;
+  r->pushes_pending--;
+}
+
 void fs_fed_object_bytes(uint64_t node_id, uint64_t bytes, int pulled) {
   fnode *n = node_get(node_id, 0);
   fround *r = round_of_node(n);
@@ -482,11 +492,31 @@ void fs_fed_object_bytes(uint64_t node_id, uint64_t bytes, int pulled) {
     r->bytes_out += bytes;
   } else {
     r->bytes_in += bytes;
-    if (n->pushes_left) { /* one of its reply's objects arrived */
-      n->pushes_left--;
-      r->pushes_pending--;
-    }
+    reply_object_in(n, r);
   }
+}
+
+int fs_fed_push_arrived(uint64_t node_id, uint64_t bytes) {
+  fnode *n = node_get(node_id, 0);
+  fround *r = round_of_node(n);
+  /* Pushes of two rounds at once (not Flower's way): the later one is
+   * counted when it succeeds, as a push of an unknown round is. */
+  if (!r || (n->unsettled_in && n->unsettled_serial != r->serial)) return 0;
+  r->bytes_in += bytes;
+  n->unsettled_in += bytes;
+  n->unsettled_serial = r->serial;
+  return 1;
+}
+
+void fs_fed_push_settled(uint64_t node_id, uint64_t bytes, int ok) {
+  fnode *n = node_get(node_id, 0);
+  fround *r;
+  if (!n) return;
+  if (bytes > n->unsettled_in) bytes = n->unsettled_in;
+  n->unsettled_in -= bytes;
+  if (!(r = round_open(n->unsettled_serial))) return; /* round.end counted them */
+  if (ok) reply_object_in(n, r);
+  else r->bytes_in -= bytes;
 }
 
 void fs_fed_object_pushed(uint64_t now, uint64_t node_id) {

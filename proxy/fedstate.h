@@ -61,6 +61,18 @@ void fs_fed_dispatch_msg(uint64_t now_ms, const fs_fed_dispatch *d);
 void fs_fed_config_round(uint64_t now_ms, const char *object_id, int64_t round);
 /* |bytes| of object content moved for |node_id| (pulled: out to the node). */
 void fs_fed_object_bytes(uint64_t node_id, uint64_t bytes, int pulled);
+/* The whole request of a PushObject of |bytes| from |node_id| has arrived,
+ * and is about to reach the SuperLink.  The SuperLink may act on the object
+ * (and the ServerApp start the next phase, which ends this round) before
+ * the call's answer comes back, so the bytes are counted in the node's
+ * round now.  Returns 1 when they were: the call's end is then told with
+ * fs_fed_push_settled() instead of fs_fed_object_bytes(); 0 when the
+ * node's round is not known (then fs_fed_object_bytes() at success). */
+int fs_fed_push_arrived(uint64_t node_id, uint64_t bytes);
+/* A push counted by fs_fed_push_arrived() ended: |ok| (then
+ * fs_fed_object_pushed() follows), or failed, and then its bytes leave its
+ * round if that is still open (a round.end already written keeps them). */
+void fs_fed_push_settled(uint64_t node_id, uint64_t bytes, int ok);
 /* A PushObject of |node_id| succeeded (after fs_fed_object_bytes): its
  * round may be complete now. */
 void fs_fed_object_pushed(uint64_t now_ms, uint64_t node_id);

@@ -29,6 +29,9 @@ struct fs_obs {
   fs_fleet_method method;
   char peer[64];
   obs_dir d[2];
+  /* PushObject: counted in its round when the request arrived */
+  uint8_t push_counted;
+  uint64_t push_node, push_bytes;
 };
 
 static uint64_t (*clock_ms)(void);
@@ -86,13 +89,17 @@ fs_obs *fs_obs_start(const uint8_t *path, size_t len, const char *peer) {
   return o;
 }
 
+static void push_arrived(fs_obs *o);
+
 void fs_obs_data(fs_obs *o, int dir, const uint8_t *p, size_t n) {
   obs_dir *d;
   if (!o) return;
   d = &o->d[dir];
   d->bytes += n;
   /* After the first message only bytes are counted. */
-  if (!d->done) fs_grpcmsg_feed(&d->split, p, n, &split_cb, d);
+  if (d->done) return;
+  fs_grpcmsg_feed(&d->split, p, n, &split_cb, d);
+  if (d->done && dir == 0 && o->method == FS_FLEET_PUSH_OBJECT) push_arrived(o);
 }
 
 /* --- decoding ----------------------------------------------------------------- */
@@ -146,14 +153,18 @@ static void walk_content(walked *w, const fs_pb_field *f) {
   w->body_len = f->len - (size_t)hl;
 }
 
-/* PushObjectRequest (dir 0) or PullObjectResponse (dir 1). */
-static int walk_object(const fs_obs *o, int dir, walked *w) {
+/* PushObjectRequest (dir 0) or PullObjectResponse (dir 1); |quiet|: no
+ * fleet.undecoded (the call's end will say it). */
+static int walk_object(const fs_obs *o, int dir, walked *w, int quiet) {
   const obs_dir *d = &o->d[dir];
   const uint8_t *p = d->buf, *end;
   fs_pb_field f;
   int rv;
   memset(w, 0, sizeof(*w));
-  if (!d->begun || (d->flags & 1)) return undecoded(o, dir, d->begun ? "compressed" : "no message"), -1;
+  if (!d->begun || (d->flags & 1)) {
+    if (!quiet) undecoded(o, dir, d->begun ? "compressed" : "no message");
+    return -1;
+  }
   if (!p) return 0; /* an empty message: no fields */
   end = p + d->len;
   while ((rv = fs_pb_next(&p, end, &f)) == 1) {
@@ -176,8 +187,21 @@ static int walk_object(const fs_obs *o, int dir, walked *w) {
       else if (f.num == 3 && f.wire == 2) walk_content(w, &f);
     }
   }
-  if (rv < 0) return undecoded(o, dir, "corrupt protobuf"), -1;
+  if (rv < 0) {
+    if (!quiet) undecoded(o, dir, "corrupt protobuf");
+    return -1;
+  }
   return 0;
+}
+
+/* The SuperLink gets the object as soon as its request is through, and may
+ * end the round before the answer comes back: fedstate counts it now. */
+static void push_arrived(fs_obs *o) {
+  walked w;
+  if (walk_object(o, 0, &w, 1) < 0) return;
+  o->push_node = w.node_id;
+  o->push_bytes = w.content_len;
+  o->push_counted = (uint8_t)fs_fed_push_arrived(w.node_id, w.content_len);
 }
 
 /* --- events ------------------------------------------------------------------- */
@@ -312,7 +336,7 @@ static void emit_object(const fs_obs *o, int push) {
   uint64_t node_id = 0, run_id = 0;
   char object_id[80] = "";
   if (push) {
-    if (walk_object(o, 0, &w) < 0) return;
+    if (walk_object(o, 0, &w, 0) < 0) return;
     node_id = w.node_id, run_id = w.run_id;
     snprintf(object_id, sizeof(object_id), "%s", w.object_id);
   } else {
@@ -322,10 +346,11 @@ static void emit_object(const fs_obs *o, int push) {
       snprintf(object_id, sizeof(object_id), "%s", rq->object_id);
       protobuf_c_message_free_unpacked(&rq->base, NULL);
     }
-    if (walk_object(o, 1, &w) < 0) return;
+    if (walk_object(o, 1, &w, 0) < 0) return;
   }
   fs_fed_node_seen(now(), node_id);
-  fs_fed_object_bytes(node_id, w.content_len, !push);
+  if (push && o->push_counted) fs_fed_push_settled(node_id, w.content_len, 1);
+  else fs_fed_object_bytes(node_id, w.content_len, !push);
   if (push) fs_fed_object_pushed(now(), node_id);
   if (!strcmp(w.type, "ConfigRecord")) {
     int64_t round;
@@ -430,6 +455,7 @@ static void emit(const fs_obs *o) {
 void fs_obs_finish(fs_obs *o, int grpc_status) {
   if (!o) return;
   if (grpc_status == 0) emit(o);
+  else if (o->push_counted) fs_fed_push_settled(o->push_node, o->push_bytes, 0);
   if (o->d[0].buf != o->d[0].inline_buf) free(o->d[0].buf);
   if (o->d[1].buf != o->d[1].inline_buf) free(o->d[1].buf);
   free(o);

@@ -457,6 +457,7 @@ class SuperLink:
         self.counters = defaultdict(int)
         self.auth_failures_by_reason = defaultdict(int)
         self.dirty = True
+        self.replies_completed = 0  # for --slow-push-answer
 
     # ------------------------------------------------------------ plumbing
 
@@ -498,10 +499,14 @@ class SuperLink:
                             self.counters["injected_failures"] += 1
                             raise Abort(code, f"fleet-emulator: injected {code.name} for {name}")
                         node = self._authenticate(name, req, context)
+                        completed = self.replies_completed
                         resp = impl(req, node)
                         assert type(resp).__name__ == resp_name
                         self.statuses[name]["OK"] += 1
-                        return resp
+                        late = self.replies_completed > completed and self.args.slow_push_answer
+                    if late:  # the round has moved on already; the answer comes later
+                        time.sleep(late)
+                    return resp
                 except Abort as a:
                     with self.lock:
                         self.statuses[name][a.code.name] += 1
@@ -728,6 +733,7 @@ class SuperLink:
                 log(self.ROLE, f"reply {reply.message_id}: object {t.object_id} does not "
                                f"match its tree")
         reply.instruction.reply_complete = True
+        self.replies_completed += 1
         self.cond.notify_all()
 
     # -------------------------------------------------------------- objects
@@ -1421,6 +1427,10 @@ def parse_args(argv):
                    help="exit once all rounds ended and the nodes left (or --done-grace passed)")
     s.add_argument("--done-grace", type=float, default=10.0,
                    help="seconds to wait for nodes to deactivate after the last round (default 10)")
+    s.add_argument("--slow-push-answer", type=float, default=0.0, metavar="SECONDS",
+                   help="answer a PushObject that completes a reply SECONDS late (the reply "
+                        "counts at once, so the next phase may start before the answer), "
+                        "as a busy SuperLink may")
     s.add_argument("--fail-method", action="append", metavar="METHOD:CODE[:COUNT]",
                    help="fail the first COUNT (default 1, 0 = all) calls of METHOD with status "
                         "CODE (name or number); repeatable")

@@ -33,16 +33,48 @@ from typing import Mapping, Optional, Sequence
 __all__ = ["free_port", "wait_port", "start", "wait_exit", "stop", "tail", "ProcGroup"]
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the kernel just handed out for `host` (bind to port 0).
+# Under pytest-xdist, worker gwN hands out ports from its own block below
+# the kernel's ephemeral range, so that two workers never pick the same port
+# (grpcio servers bind with SO_REUSEPORT: two of them on one port would
+# share its connections silently) and no client connection takes a port
+# that was handed out but is not listened on yet.
+_XDIST_BASE, _XDIST_BLOCK, _XDIST_WORKERS = 20000, 1000, 12
+_next_port = 0
 
-    The port is released before returning, so another process may take it
-    in between; on a test machine that race is rare enough.
+
+def _worker_block() -> Optional[range]:
+    w = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not (w.startswith("gw") and w[2:].isdigit() and int(w[2:]) < _XDIST_WORKERS):
+        return None
+    lo = _XDIST_BASE + int(w[2:]) * _XDIST_BLOCK
+    return range(lo, lo + _XDIST_BLOCK)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that is free for `host` just now.
+
+    Outside pytest-xdist: one the kernel hands out (bind to port 0).  The port
+    is released before returning, so another process may take it in between;
+    on a test machine that race is rare enough.  Under pytest-xdist: the next
+    free one of this worker's block (see above).
     """
+    global _next_port
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    block = _worker_block()
+    if block is None:
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.bind((host, 0))
+            return s.getsockname()[1]
+    for _ in range(len(block)):
+        port = block[_next_port % len(block)]
+        _next_port += 1
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))  # in use, or in TIME_WAIT: the next one
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port left in {block}")
 
 
 def wait_port(host: str, port: int, timeout: float = 10.0,

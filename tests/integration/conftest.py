@@ -76,6 +76,15 @@ FIGURES: list[str] = []
 def pytest_configure(config):
     config.addinivalue_line(
         "markers", "big: moves 1 GiB through the sidecar (slow, but part of make test)")
+    config.addinivalue_line(
+        "markers", "long: takes 15 s or more (a 60 s outage, 1 GiB, a slow link): run first")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long tests first, in their usual order: with pytest-xdist (make
+    integration) a run lasts at least as long as the test that starts last
+    and runs longest."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -17,6 +17,10 @@ Three federations, each run once per module and judged by several tests:
 - tls: nodes over TLS (the sidecar's auto-generated CA) to one sidecar;
   2 rounds; one node vanishes after 3 replies (--vanish-after, heartbeat
   interval 1 s): it is never handed its last instruction, node.offline.
+  The PushObject that completes a reply is answered 0.3 s late
+  (--slow-push-answer), after the other node has the next phase: the
+  round's bytes_in must still count that object (a busy SuperLink did
+  this once, and round.end came out 63 bytes short).
 - fatal: 1 round; the first PushMessages fails with FAILED_PRECONDITION,
   which Flower (and the emulator) do not retry: that node dies holding an
   instruction it confirmed, goes offline, and the round ends with it
@@ -54,6 +58,10 @@ ROOT = Path(__file__).resolve().parents[2]
 EMULATOR = str(ROOT / "tests" / "emulator" / "fleet_emulator.py")
 sys.path.insert(0, str(ROOT / "tests" / "emulator"))
 import fleet_emulator as emu  # noqa: E402
+
+# The federations are module fixtures: under pytest-xdist, one worker runs
+# this whole module, each federation once.
+pytestmark = pytest.mark.xdist_group("test_events")
 
 FAST_NODE = ["--poll-interval", "0.1", "--max-retry-wait", "0.2"]
 RUN_TIMEOUT = 60 * SLOW
@@ -531,7 +539,7 @@ def main_fed(tmp_path_factory, protos):
 def tls_fed(tmp_path_factory, protos):
     fed = run_federation(
         tmp_path_factory.mktemp("tls"),
-        ["--nodes", "2", "--rounds", "2"],
+        ["--nodes", "2", "--rounds", "2", "--slow-push-answer", "0.3"],
         [("tls", ["--log-level", "DEBUG"], True)],
         [("n0", [*FAST_NODE, "--rounds", "2"]), ("n1", [*FAST_NODE, "--rounds", "2", "--vanish-after", "3",
                                     "--heartbeat-interval", "1"])],

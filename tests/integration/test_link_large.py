@@ -32,6 +32,7 @@ def _report(tmp_path, name: str, sc, extra: str = "") -> int:
     return st["VmHWM"]
 
 
+@pytest.mark.long
 def test_256mib_up_with_bounded_memory(link, tmp_path):
     ch = link.channel()
     data = random_payload(256 * MiB, seed=1)
@@ -42,6 +43,7 @@ def test_256mib_up_with_bounded_memory(link, tmp_path):
     assert hwm < RSS_LIMIT_KIB, f"VmHWM {hwm} KiB for a 256 MiB upload"
 
 
+@pytest.mark.long
 def test_256mib_down_with_bounded_memory(link, tmp_path):
     ch = link.channel()
     t0 = time.monotonic()
@@ -53,6 +55,7 @@ def test_256mib_down_with_bounded_memory(link, tmp_path):
 
 
 @pytest.mark.big
+@pytest.mark.long
 def test_1gib_up_with_bounded_memory(link, tmp_path):
     ch = link.channel()
     data = random_payload(1024 * MiB, seed=3)

@@ -820,6 +820,7 @@ def loop_figures(calls: list[dict], t_bh: float, t_clear: float) -> tuple[Option
     return detect, (answered[0] - t_clear if answered else None)
 
 
+@pytest.mark.long
 def test_blackhole_60s_during_federation(fed):
     """A silent blackhole of 60 s while object transfers of a 20 MB model are
     in flight, with the node role's default --hold-timeout (20 s): the link
@@ -1050,6 +1051,7 @@ def test_held_call_with_deadline_ends_unavailable(fed):
     assert r["t1"] - r["t0"] <= 2.0 + 0.2, r
 
 
+@pytest.mark.long
 def test_random_loss_and_delay_federation_completes(fed):
     """20 % packet loss each way on the veth and 200 ms added each way (the
     delay relay in ns B, between the node sidecar and the veth) for a whole
@@ -1124,6 +1126,7 @@ def backoff_bounds(attempt: int) -> tuple[float, float]:
     return 0.8 * base - 2, min(1.2 * base, BACKOFF_MAX * 1000) + 2
 
 
+@pytest.mark.long
 def test_backoff_schedule_after_link_killed(fed):
     """kill -9 of the link sidecar, restarted after LINK_DEAD (20 s): every
     reconnect delay in those 20 s is initial x1.6^k +-20 %, capped, and the
@@ -1269,6 +1272,7 @@ def test_strict_upstream_too_many_pings_doubles_keepalive(fed):
 
 
 
+@pytest.mark.long
 def test_slow_link_small_calls_are_not_stuck_behind_a_download(fed):
     """A 500 kbit/s edge link (tbf on both veth ends with 500 ms of queue:
     real TCP round trips, unlike the delay relay) carrying a 1.5 MiB

@@ -699,6 +699,7 @@ def test_too_many_pings_next_connection_pings_at_doubled_interval(node_sidecar, 
 # --- 6. a stock gRPC server is not punished ---------------------------------------
 
 
+@pytest.mark.long
 def test_stock_grpcio_server_is_not_punished_in_normal_operation(node_sidecar, fleet_upstream, pki):
     up = fleet_upstream(pki)
     sc = node_sidecar(up.address, tls_ca=pki["ca"])

@@ -15,6 +15,7 @@
 #include "fedstate.h"
 #include "fleet.pb-c.h"
 #include "log.h"
+#include "observe.h"
 
 #define RUN   12537570364687388763ull
 #define RUN_S "12537570364687388763"
@@ -83,11 +84,57 @@ static void pulled(uint64_t now, uint64_t node, uint64_t bytes) {
   fs_fed_object_bytes(node, bytes, 1);
 }
 
+/* A PushObject through observe, as the link role sees it: |obs_push_request|
+ * feeds the whole request (it is now on its way to the SuperLink), and
+ * |obs_push_end| the answer and the call's status. */
+static uint64_t obs_now;
+static uint64_t obs_clock(void) { return obs_now; }
+
+static fs_obs *obs_push_request(uint64_t now, uint64_t node, const char *object_id, size_t body_len,
+                                size_t *content_len) {
+  static const char path[] = "/flwr.proto.Fleet/PushObject";
+  Flwr__Proto__PushObjectRequest m = FLWR__PROTO__PUSH_OBJECT_REQUEST__INIT;
+  Flwr__Proto__Node n = FLWR__PROTO__NODE__INIT;
+  char head[64];
+  int hl = snprintf(head, sizeof(head), "MetricRecord  %zu", body_len);
+  uint8_t *content = calloc(1, (size_t)hl + 1 + body_len), *msg;
+  size_t len;
+  fs_obs *o = fs_obs_start((const uint8_t *)path, sizeof(path) - 1, "203.0.113.7:51234");
+  assert_non_null(o);
+  assert_non_null(content);
+  memcpy(content, head, (size_t)hl);
+  n.node_id = node;
+  m.node = &n;
+  m.run_id = RUN;
+  m.object_id = (char *)object_id;
+  m.object_content.data = content;
+  m.object_content.len = *content_len = (size_t)hl + 1 + body_len;
+  len = protobuf_c_message_get_packed_size(&m.base);
+  msg = malloc(len + 5);
+  assert_non_null(msg);
+  msg[0] = 0, msg[1] = (uint8_t)(len >> 24), msg[2] = (uint8_t)(len >> 16), msg[3] = (uint8_t)(len >> 8);
+  msg[4] = (uint8_t)len;
+  protobuf_c_message_pack(&m.base, msg + 5);
+  obs_now = now;
+  fs_obs_data(o, 0, msg, len + 5);
+  free(msg);
+  free(content);
+  return o;
+}
+
+static void obs_push_end(uint64_t now, fs_obs *o, int status) {
+  static const uint8_t stored[] = {0, 0, 0, 0, 2, 0x08, 0x01}; /* PushObjectResponse{stored: true} */
+  obs_now = now;
+  if (status == 0) fs_obs_data(o, 1, stored, sizeof(stored));
+  fs_obs_finish(o, status);
+}
+
 static int setup(void **state) {
   int i;
   (void)state;
   for (i = 0; i < 64; i++) snprintf(ids[i], sizeof(ids[i]), "%064x", 0xabc000 + i);
   cap_init(FS_LOG_DEBUG);
+  fs_obs_set_clock(obs_clock);
   fs_fed_reset();
   cap_reset();
   return 0;
@@ -322,6 +369,67 @@ static void next_phase_closes_open_round(void **state) {
   }
   assert_int_equal(cap_count("round.end"), 2);
   assert_int_equal(cap_count("round.start"), 4);
+}
+
+/* The SuperLink has a pushed object once its request is through, before
+ * the answer comes back to the sidecar: meanwhile the ServerApp may start
+ * the next phase, which ends this round.  The push is counted in the round
+ * it belongs to, and only once.  (Counted at the answer, its bytes were
+ * lost: round.end bytes_in 63 short in an integration run.) */
+static void push_answered_after_the_next_phase_started(void **state) {
+  fs_obs *o;
+  size_t len;
+  char want[32];
+  (void)state;
+  fs_fed_node_activated(0, NA, 30);
+  fs_fed_node_activated(0, NB, 30);
+  fs_fed_config_round(0, id(10), 2);
+  fs_fed_config_round(0, id(11), 2);
+  dispatch(100, NA, 1, 10, "train");
+  dispatch(100, NB, 2, 10, "train");
+  reply(200, NA, 3, 1, "train", 0, 1);
+  pushed(210, NA, 100);
+  reply(300, NB, 4, 2, "train", 0, 2);
+  pushed(310, NB, 200);
+  o = obs_push_request(320, NB, id(20), 40, &len); /* B's last object reaches the SuperLink */
+  assert_int_equal(cap_count("round.end"), 0);
+  dispatch(330, NA, 5, 11, "evaluate"); /* A gets the next phase before B's answer */
+  assert_string_equal(sequence(), "round.start message.dispatch message.dispatch message.reply message.reply "
+                                  "round.end round.start message.dispatch");
+  assert_round_end(cap_find("round.end", 0), "2", "train", "2", "2", "0", "0");
+  snprintf(want, sizeof(want), "%zu", 100 + 200 + len);
+  assert_field(cap_find("round.end", 0), "bytes_in", want);
+  obs_push_end(340, o, 0);
+  dispatch(350, NB, 6, 11, "evaluate");
+  reply(400, NA, 7, 5, "evaluate", 0, 0);
+  reply(410, NB, 8, 6, "evaluate", 0, 0);
+  assert_round_end(cap_find("round.end", 1), "2", "evaluate", "2", "2", "0", "0");
+  assert_field(cap_find("round.end", 1), "bytes_in", "0"); /* not counted again */
+}
+
+/* A push that fails after its request arrived is not counted; its retry
+ * is, once, and the round ends with it. */
+static void failed_push_is_not_counted(void **state) {
+  fs_obs *o;
+  size_t len;
+  char want[32];
+  (void)state;
+  fs_fed_node_activated(0, NA, 30);
+  fs_fed_config_round(0, id(10), 1);
+  dispatch(100, NA, 1, 10, "train");
+  reply(200, NA, 3, 1, "train", 0, 1);
+  o = obs_push_request(210, NA, id(20), 40, &len);
+  obs_push_end(220, o, 14); /* UNAVAILABLE */
+  o = obs_push_request(230, NA, id(20), 40, &len);
+  obs_push_end(240, o, -1); /* reset */
+  assert_int_equal(cap_count("round.end"), 0);
+  o = obs_push_request(250, NA, id(20), 40, &len);
+  assert_int_equal(cap_count("round.end"), 0); /* ends when the push succeeded */
+  obs_push_end(260, o, 0);
+  assert_round_end(cap_find("round.end", 0), "1", "train", "1", "1", "0", "0");
+  snprintf(want, sizeof(want), "%zu", len);
+  assert_field(cap_find("round.end", 0), "bytes_in", want);
+  assert_field(cap_find("round.end", 0), "duration_ms", "160");
 }
 
 /* Handed out again (the node pulled it twice): told once. */
@@ -666,6 +774,8 @@ int main(void) {
       cmocka_unit_test_setup_teardown(node_offline_mid_round, setup, teardown),
       cmocka_unit_test_setup_teardown(node_offline_during_reply_objects, setup, teardown),
       cmocka_unit_test_setup_teardown(next_phase_closes_open_round, setup, teardown),
+      cmocka_unit_test_setup_teardown(push_answered_after_the_next_phase_started, setup, teardown),
+      cmocka_unit_test_setup_teardown(failed_push_is_not_counted, setup, teardown),
       cmocka_unit_test_setup_teardown(repeated_dispatch_told_once, setup, teardown),
       cmocka_unit_test_setup_teardown(dispatch_deferral_and_fallback, setup, teardown),
       cmocka_unit_test_setup_teardown(reply_to_unknown_message, setup, teardown),
