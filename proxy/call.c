@@ -158,9 +158,11 @@ void fs_call_detach_keep(fs_call *c, int side) {
   fs_pconn *pc = c->leg[side].conn;
   if (!pc) return;
   fs_list_remove(&c->leg[side].node);
-  /* The stream may be gone already (closing it is why we are here): then
-   * nothing points at the call any more, which is all this is for. */
-  if (!pc->h2.closing && pc->h2.session && nghttp2_session_find_stream(pc->h2.session, c->leg[side].sid))
+  /* Its only error, INVALID_ARGUMENT, means the stream is gone already
+   * (closing it is why we are here, or it was never submitted): then
+   * nothing points at the call any more, which is all this is for.  One
+   * lookup, not a find_stream before it: this runs once per leg. */
+  if (!pc->h2.closing && pc->h2.session)
     (void)nghttp2_session_set_stream_user_data(pc->h2.session, c->leg[side].sid, NULL);
   c->leg[side].conn = NULL;
   pc->nstreams--;

@@ -39,7 +39,7 @@ typedef struct fs_h2conn_ops {
   /* The transport is ready for HTTP/2 (TLS handshake done, or cleartext):
    * create c->session.  Return 0, or -1 to close with |c->close_reason|. */
   int (*on_ready)(fs_h2conn *c);
-  /* The TLS handshake failed: |reason| is one line. Called before closing. */
+  /* The TLS handshake did not complete: |reason| is one line. Called before closing. */
   void (*on_tls_fail)(fs_h2conn *c, const char *reason);
   /* The connection is closing: detach everything that refers to it. Called
    * exactly once; the session must not be used afterwards. */

@@ -22,7 +22,8 @@ static int stall_watched(const fs_call *c) {
                                      fs_fleet_repeatable((fs_fleet_method)c->method));
 }
 
-/* Sends the call's request on |u| (from its flush: fs_upcall_flush). */
+/* Submits the call's request on |u|; only from |u|'s flush
+ * (fs_upcall_flush), which writes it right after. */
 static void submit(fs_call *c, fs_upconn *u) {
   nghttp2_data_provider prd = fs_call_provider(c, FS_UP);
   nghttp2_nv nv[fs_hdrs_count(&c->head[FS_DOWN]) + 1];
@@ -69,7 +70,7 @@ static void submit(fs_call *c, fs_upconn *u) {
   c->t_sent = now;
   c->probe_ms = 0;
   c->stall_done = 0;
-  fs_h2conn_mark(&u->pc.h2);
+  /* No mark: this runs inside |u|'s flush, which sends the request next. */
   if (stall_watched(c)) { /* look at it halfway to its deadline (conn_timer) */
     uint64_t due = fs_policy_stall_probe_at(c->t_sent, c->deadline);
     fs_upconn_timer_within(u, due > now ? due - now : 1);
