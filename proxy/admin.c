@@ -99,22 +99,43 @@ static const char *upstream_detail(void) {
 
 static void push_status(astream *s, fs_health_status st);
 
+static void (*on_change_cb)(const char *verdict, const char *reason);
+
+void fs_admin_on_change(void (*cb)(const char *verdict, const char *reason)) { on_change_cb = cb; }
+
+/* The verdict's reason with the upstream's detail when that is the cause. */
+static void full_reason(fs_health_status st, const char *reason, char *why, size_t whylen) {
+  int upstream_reason = st != FS_HEALTH_SERVING && fs_proxy_listening() && !fs_proxy_draining();
+  snprintf(why, whylen, "%s%s%s", reason, upstream_reason ? ": " : "", upstream_reason ? upstream_detail() : "");
+}
+
+const char *fs_admin_verdict(char *why, size_t whylen) {
+  const char *reason;
+  fs_health_status st = current(&reason);
+  full_reason(st, reason, why, whylen);
+  return fs_health_status_name(st);
+}
+
 void fs_admin_update(void) {
   const char *reason;
   fs_health_status st = current(&reason);
   fs_list_node *n, *next;
   fs_event ev;
+  char why[600];
+  /* warn is for operators' alerts: not the first verdict at start, nor a
+   * drain they asked for. */
+  fs_log_level level =
+      st == FS_HEALTH_SERVING || A.status == FS_HEALTH_UNKNOWN || fs_proxy_draining() ? FS_LOG_INFO : FS_LOG_WARN;
   if (st == A.status) return;
-  if (fs_ev_begin(&ev, st == FS_HEALTH_SERVING ? FS_LOG_INFO : FS_LOG_WARN, "health.change")) {
-    char why[600];
-    int upstream_reason = st != FS_HEALTH_SERVING && fs_proxy_listening() && !fs_proxy_draining();
-    snprintf(why, sizeof(why), "%s%s%s", reason, upstream_reason ? ": " : "", upstream_reason ? upstream_detail() : "");
+  full_reason(st, reason, why, sizeof(why));
+  if (fs_ev_begin(&ev, level, "health.change")) {
     fs_ev_str(&ev, "service", "flwr.proto.Fleet");
     fs_ev_str(&ev, "from", fs_health_status_name(A.status));
     fs_ev_str(&ev, "to", fs_health_status_name(st));
     fs_ev_str(&ev, "reason", why);
     fs_ev_end(&ev);
   }
+  if (on_change_cb) on_change_cb(fs_health_status_name(st), why);
   A.status = st;
   A.reason = reason;
   fs_list_for_each_safe(n, next, &A.watchers) { /* push_status may take |w| off the list, no other */

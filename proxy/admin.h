@@ -17,6 +17,14 @@ int fs_admin_start(uv_loop_t *loop, const fs_config *cfg, char *err, size_t errl
  * Watch stream at once.  Call whenever the proxy's state changes. */
 void fs_admin_update(void);
 
+/* Registers |cb|, called after each health change with the new verdict's
+ * name ("SERVING", "NOT_SERVING") and its reason (valid during the call). */
+void fs_admin_on_change(void (*cb)(const char *verdict, const char *reason));
+
+/* The current verdict's name and reason, as on_change would give them;
+ * |reason| gets at most |reasonlen| - 1 bytes. */
+const char *fs_admin_verdict(char *reason, size_t reasonlen);
+
 /* Closes the listener and every admin connection; |on_closed| runs when
  * all are freed. */
 void fs_admin_stop(void (*on_closed)(void));

@@ -13,6 +13,8 @@
 #define FS_VERSION "0.1.0"
 #endif
 
+const char fs_version[] = FS_VERSION;
+
 enum {
   OPT_LISTEN = 256,
   OPT_UPSTREAM,
@@ -23,6 +25,7 @@ enum {
   OPT_TLS_CERT,
   OPT_TLS_KEY,
   OPT_TLS_DIR,
+  OPT_TLS_REQUIRE_CLIENT_CERT,
   OPT_TLS_SAN,
   OPT_TLS_SERVER_NAME,
   OPT_LOG_FORMAT,
@@ -63,6 +66,7 @@ static const struct option long_opts[] = {{"listen", required_argument, 0, OPT_L
                                           {"tls-cert", required_argument, 0, OPT_TLS_CERT},
                                           {"tls-key", required_argument, 0, OPT_TLS_KEY},
                                           {"tls-dir", required_argument, 0, OPT_TLS_DIR},
+                                          {"tls-require-client-cert", no_argument, 0, OPT_TLS_REQUIRE_CLIENT_CERT},
                                           {"tls-san", required_argument, 0, OPT_TLS_SAN},
                                           {"tls-server-name", required_argument, 0, OPT_TLS_SERVER_NAME},
                                           {"log-format", required_argument, 0, OPT_LOG_FORMAT},
@@ -101,19 +105,24 @@ void fs_config_usage(void) {
         "  node   beside a SuperNode: h2c on --listen, one TLS connection to --upstream\n"
         "\n"
         "Addresses (variable in brackets; a flag wins over its variable):\n"
-        "  --listen HOST:PORT            Fleet API listener (link 0.0.0.0:9092, node 127.0.0.1:9092)\n"
+        "  --listen HOST:PORT            [FL_FLEET_API_ADDRESS, link only] Fleet API listener\n"
+        "                                (link 0.0.0.0:9092, node 127.0.0.1:9092)\n"
         "  --upstream HOST:PORT          [FL_SUPERLINK_ADDRESS] upstream (link 127.0.0.1:9192; node: required)\n"
-        "  --admin HOST:PORT             health and metrics listener (127.0.0.1:9099)\n"
+        "  --admin HOST:PORT             [FL_SIDECAR_ADMIN] health and metrics listener (127.0.0.1:9099)\n"
         "  --upstream-health IP:PORT     also require the SuperLink's own grpc.health.v1 server (its\n"
         "                                --health-server-address) to answer SERVING (off)\n"
         "TLS:\n"
         "  --tls / --no-tls              [FL_TLS_ENABLED=YES|NO] TLS on the listener (link) or upstream (node)\n"
         "  --tls-cert PEM, --tls-key PEM [FL_SSL_CERTFILE, FL_SSL_KEYFILE] certificate and key: a path or\n"
         "                                base64-encoded PEM (link: server certificate; node: client certificate)\n"
-        "  --tls-ca PEM                  [FL_SSL_CA_CERTFILE] CA bundle (node: verifies the upstream;\n"
-        "                                link: requires and verifies client certificates)\n"
-        "  --tls-dir DIR                 link: where an auto-generated CA and server certificate are kept\n"
-        "                                (/var/lib/flower-sidecar/tls)\n"
+        "  --tls-ca PEM                  [FL_SSL_CA_CERTFILE] CA bundle. node: verifies the upstream (else the\n"
+        "                                system store). link: as Flower's --ssl-ca-certfile, the CA of the\n"
+        "                                server certificate: sent in the chain; a client certificate that is\n"
+        "                                presented is verified against it, none is required\n"
+        "  --tls-require-client-cert     [FL_SIDECAR_REQUIRE_CLIENT_CERT=YES|NO] link: mandatory mTLS, client\n"
+        "                                certificates signed by --tls-ca (or the auto-generated CA) (NO)\n"
+        "  --tls-dir DIR                 [FL_SIDECAR_TLS_DIR] link: where an auto-generated CA and server\n"
+        "                                certificate are kept (/var/lib/flower-sidecar/tls)\n"
         "  --tls-san NAME|IP             extra subject alternative name for the auto-generated certificate\n"
         "                                (repeatable)\n"
         "  --tls-server-name NAME        node: name to verify the upstream certificate against\n"
@@ -266,6 +275,10 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
   case OPT_TLS_KEY:
     c->tls_key = v, c->tls_key_from = what;
     return *v ? 0 : fail(err, errlen, what, v, "empty");
+  case OPT_TLS_REQUIRE_CLIENT_CERT:
+    if (!v) return c->tls_require_client_cert = 1, 0;
+    if (parse_bool(v, &c->tls_require_client_cert) < 0) return fail(err, errlen, what, v, "expected YES or NO");
+    return 0;
   case OPT_TLS_DIR:
     c->tls_dir = v;
     return *v ? 0 : fail(err, errlen, what, v, "empty");
@@ -354,22 +367,29 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
   return fail(err, errlen, what, v ? v : "", "unknown setting");
 }
 
+/* The variables, and the setting each gives.  |link_only|: the node role
+ * ignores it (FL_FLEET_API_ADDRESS is the SuperLink's own listener). */
 static const struct {
   const char *var;
   int opt;
+  int link_only;
 } env_map[] = {
-    {"FL_TLS_ENABLED", OPT_TLS},
-    {"FL_SSL_CA_CERTFILE", OPT_TLS_CA},
-    {"FL_SSL_CERTFILE", OPT_TLS_CERT},
-    {"FL_SSL_KEYFILE", OPT_TLS_KEY},
-    {"FL_SUPERLINK_ADDRESS", OPT_UPSTREAM},
-    {"FL_LOG_FORMAT", OPT_LOG_FORMAT},
-    {"FL_LOG_LEVEL", OPT_LOG_LEVEL},
-    {"FL_METRICS_ENABLED", OPT_METRICS},
-    {"FL_GRPC_KEEPALIVE_TIME", OPT_KA_TIME},
-    {"FL_GRPC_KEEPALIVE_TIMEOUT", OPT_KA_TIMEOUT},
-    {"FL_EDGE_BACKOFF_INITIAL", OPT_BO_INITIAL},
-    {"FL_EDGE_BACKOFF_MAX", OPT_BO_MAX},
+    {"FL_FLEET_API_ADDRESS", OPT_LISTEN, 1},
+    {"FL_SIDECAR_ADMIN", OPT_ADMIN, 0},
+    {"FL_SIDECAR_TLS_DIR", OPT_TLS_DIR, 0},
+    {"FL_SIDECAR_REQUIRE_CLIENT_CERT", OPT_TLS_REQUIRE_CLIENT_CERT, 1},
+    {"FL_TLS_ENABLED", OPT_TLS, 0},
+    {"FL_SSL_CA_CERTFILE", OPT_TLS_CA, 0},
+    {"FL_SSL_CERTFILE", OPT_TLS_CERT, 0},
+    {"FL_SSL_KEYFILE", OPT_TLS_KEY, 0},
+    {"FL_SUPERLINK_ADDRESS", OPT_UPSTREAM, 0},
+    {"FL_LOG_FORMAT", OPT_LOG_FORMAT, 0},
+    {"FL_LOG_LEVEL", OPT_LOG_LEVEL, 0},
+    {"FL_METRICS_ENABLED", OPT_METRICS, 0},
+    {"FL_GRPC_KEEPALIVE_TIME", OPT_KA_TIME, 0},
+    {"FL_GRPC_KEEPALIVE_TIMEOUT", OPT_KA_TIMEOUT, 0},
+    {"FL_EDGE_BACKOFF_INITIAL", OPT_BO_INITIAL, 0},
+    {"FL_EDGE_BACKOFF_MAX", OPT_BO_MAX, 0},
 };
 
 static void set_defaults(fs_config *c) {
@@ -401,12 +421,34 @@ static void set_defaults(fs_config *c) {
   c->retry_buffer = node ? 8u << 20 : 0;
 }
 
+/* The setting a flag gives: --tls and --no-tls give the same one. */
+static int setting_of(int opt) {
+  if (opt == OPT_NO_TLS) return OPT_TLS;
+  if (opt == OPT_NO_METRICS) return OPT_METRICS;
+  if (opt == OPT_NO_OBSERVE) return OPT_OBSERVE;
+  return opt;
+}
+
+/* The name a flag is called by in messages; static storage, as fs_config
+ * keeps some of them (tls_ca_from...). */
+static const char *flag_name(int opt) {
+  static char names[sizeof(long_opts) / sizeof(long_opts[0])][40];
+  size_t i;
+  for (i = 0; long_opts[i].name; i++)
+    if (long_opts[i].val == opt) {
+      if (!names[i][0]) snprintf(names[i], sizeof(names[i]), "--%s", long_opts[i].name);
+      return names[i];
+    }
+  return "flag";
+}
+
 int fs_config_parse(fs_config *c, int argc, char **argv, char *err, size_t errlen) {
   size_t i;
-  int opt;
+  int opt, pass;
+  unsigned char given[OPT_VERSION + 1] = {0}; /* settings a flag gives */
   memset(c, 0, sizeof(*c));
   if (argc >= 2 && (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h"))) return fs_config_usage(), 1;
-  if (argc >= 2 && !strcmp(argv[1], "--version")) return puts("flower-sidecar " FS_VERSION), 1;
+  if (argc >= 2 && !strcmp(argv[1], "--version")) return printf("flower-sidecar %s\n", fs_version), 1;
   if (argc < 2) return snprintf(err, errlen, "missing role: expected 'link' or 'node' (see --help)"), -1;
   if (!strcmp(argv[1], "link")) c->role = FS_ROLE_LINK;
   else if (!strcmp(argv[1], "node")) c->role = FS_ROLE_NODE;
@@ -414,43 +456,51 @@ int fs_config_parse(fs_config *c, int argc, char **argv, char *err, size_t errle
   c->role_name = argv[1];
   set_defaults(c);
 
-  for (i = 0; i < sizeof(env_map) / sizeof(env_map[0]); i++) {
-    const char *v = getenv(env_map[i].var);
-    if (v && *v && apply(c, env_map[i].opt, v, env_map[i].var, err, errlen) < 0) return -1;
+  /* Pass 0 checks the flags and notes which settings they give; then the
+   * variables fill the rest; pass 1 applies the flags. */
+  for (pass = 0; pass < 2; pass++) {
+    if (pass == 1)
+      for (i = 0; i < sizeof(env_map) / sizeof(env_map[0]); i++) {
+        const char *v = getenv(env_map[i].var);
+        if (!v || !*v || given[env_map[i].opt] || (env_map[i].link_only && c->role != FS_ROLE_LINK)) continue;
+        if (apply(c, env_map[i].opt, v, env_map[i].var, err, errlen) < 0) return -1;
+      }
+    optind = 0; /* GNU getopt: start over; argv[1], the role, is its argv[0] */
+    opterr = 0;
+    while ((opt = getopt_long(argc - 1, argv + 1, ":", long_opts, NULL)) != -1) {
+      if (opt == '?') return fail(err, errlen, "flag", argv[optind], "unknown; see --help");
+      if (opt == ':') return fail(err, errlen, "flag", argv[optind], "needs a value");
+      if (opt == OPT_HELP) return fs_config_usage(), 1;
+      if (opt == OPT_VERSION) return printf("flower-sidecar %s\n", fs_version), 1;
+      if (pass == 0) given[setting_of(opt)] = 1;
+      else if (apply(c, opt, optarg, flag_name(opt), err, errlen) < 0) return -1;
+    }
   }
-
-  optind = 2;
-  opterr = 0;
-  while ((opt = getopt_long(argc, argv, ":", long_opts, NULL)) != -1) {
-    char what[64];
-    const struct option *o;
-    if (opt == '?') return fail(err, errlen, "flag", argv[optind - 1], "unknown; see --help");
-    if (opt == ':') return fail(err, errlen, "flag", argv[optind - 1], "needs a value");
-    if (opt == OPT_HELP) return fs_config_usage(), 1;
-    if (opt == OPT_VERSION) return puts("flower-sidecar " FS_VERSION), 1;
-    for (o = long_opts; o->name && o->val != opt; o++) {}
-    snprintf(what, sizeof(what), "--%s", o->name);
-    /* Remember flag names for messages: they must outlive this loop. */
-    if (apply(c, opt, optarg,
-              o->name ? (opt == OPT_TLS_CA     ? "--tls-ca"
-                         : opt == OPT_TLS_CERT ? "--tls-cert"
-                         : opt == OPT_TLS_KEY  ? "--tls-key"
-                                               : what)
-                      : what,
-              err, errlen) < 0)
-      return -1;
-  }
+  optind++; /* an index into argv + 1 */
   if (optind < argc) return fail(err, errlen, "argument", argv[optind], "unexpected; see --help");
 
   if (c->role == FS_ROLE_NODE && !c->upstream[0])
     return snprintf(err, errlen,
                     "missing --upstream (or FL_SUPERLINK_ADDRESS): the node role needs the SuperLink's HOST:PORT"),
            -1;
-  if (!c->tls_cert != !c->tls_key)
-    return snprintf(err, errlen, "invalid %s: '%s' (%s needs %s too)", c->tls_cert ? c->tls_cert_from : c->tls_key_from,
-                    c->tls_cert ? c->tls_cert : c->tls_key, c->tls_cert ? "a certificate" : "a key",
-                    c->tls_cert ? "a key (--tls-key or FL_SSL_KEYFILE)"
-                                : "a certificate (--tls-cert or FL_SSL_CERTFILE)"),
+  if (c->tls_cert && !c->tls_key)
+    return snprintf(err, errlen, "invalid %s: '%.200s' (a certificate needs a key too: --tls-key or FL_SSL_KEYFILE)",
+                    c->tls_cert_from, c->tls_cert),
+           -1;
+  if (c->tls_key && !c->tls_cert) /* the value is shown only when it is a path: base64 of a key holds the key */
+    return snprintf(err, errlen, "invalid %s: %s (a key needs a certificate too: --tls-cert or FL_SSL_CERTFILE)",
+                    c->tls_key_from, c->tls_key[0] == '/' ? c->tls_key : "a value not shown, as it may hold a key"),
+           -1;
+  if (c->role == FS_ROLE_LINK && c->tls && c->tls_ca && !c->tls_cert)
+    return snprintf(err, errlen,
+                    "invalid %s: '%.200s' (on the link role it is the CA of the server certificate: give that "
+                    "certificate and its key too, or neither to use the auto-generated CA)",
+                    c->tls_ca_from, c->tls_ca),
+           -1;
+  if (c->tls_require_client_cert && c->role != FS_ROLE_LINK)
+    return snprintf(err, errlen,
+                    "invalid --tls-require-client-cert: the node role presents a client certificate (--tls-cert), "
+                    "it does not ask for one"),
            -1;
   if (c->backoff_max_s < c->backoff_initial_s) {
     char v[32];

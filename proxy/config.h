@@ -31,6 +31,7 @@ typedef struct fs_config {
   const char *tls_ca_from; /* "--tls-ca" or "FL_SSL_CA_CERTFILE": for messages */
   const char *tls_cert_from;
   const char *tls_key_from;
+  int tls_require_client_cert; /* link: a client certificate signed by the CA is mandatory */
   const char *tls_dir;
   const char *tls_server_name;
   const char *tls_sans[FS_MAX_SANS];
@@ -59,7 +60,10 @@ typedef struct fs_config {
   uint32_t retry_buffer;    /* request bytes kept per call to repeat it safely; 0: no retries */
 } fs_config;
 
-/* Fills |cfg| from |argv| (argv[1] is the role) and the environment.
+/* Fills |cfg| from |argv| (argv[1] is the role) and the environment.  A
+ * variable is read only for a setting that no flag gives, so a flag wins
+ * even over an invalid variable.  |cfg| points into |argv| and the
+ * environment, which must outlive it.
  * Returns 0 on success; 1 when --help or --version was printed (exit 0);
  * -1 with a one-line message in |err| on bad configuration (exit 2). */
 int fs_config_parse(fs_config *cfg, int argc, char **argv, char *err, size_t errlen);
@@ -70,5 +74,8 @@ void fs_config_usage(void);
 /* Splits "host:port", "[v6]:port" or ":port" (host "") into |host| and
  * |port|.  Returns 0 or -1. */
 int fs_hostport_split(const char *s, char *host, size_t hostlen, int *port);
+
+/* The daemon's version, as --version and sidecar.start print it. */
+extern const char fs_version[];
 
 #endif

@@ -22,10 +22,11 @@
 #include "log.h"
 #include "observe.h"
 #include "proxy.h"
+#include "sdnotify.h"
 #include "tls.h"
 
 static fs_config cfg;
-static uv_signal_t sig_term, sig_int;
+static uv_signal_t sig_term, sig_int, sig_hup;
 static uv_timer_t fed_tick;
 
 static void on_fed_tick(uv_timer_t *t) { fs_fed_tick(uv_now(t->loop)); }
@@ -34,6 +35,8 @@ static void on_admin_closed(void) {
   uv_close((uv_handle_t *)&fed_tick, NULL);
   uv_close((uv_handle_t *)&sig_term, NULL);
   uv_close((uv_handle_t *)&sig_int, NULL);
+  uv_close((uv_handle_t *)&sig_hup, NULL);
+  fs_sdnotify_close();
   fs_h2conn_global_close();
 }
 
@@ -52,8 +55,25 @@ static void on_signal(uv_signal_t *h, int signum) {
     fs_ev_num(&ev, "drain_timeout_s", cfg.drain_timeout_s, 1);
     fs_ev_end(&ev);
   }
+  fs_sdnotify_stopping();
   fs_proxy_drain();
 }
+
+/* systemd's ExecReload= sends SIGHUP.  Certificates are read at start
+ * (their reload is the OneGate work); until then the signal is logged and
+ * changes nothing, instead of ending the daemon as its default would. */
+static void on_hup(uv_signal_t *h, int signum) {
+  fs_event ev;
+  (void)h, (void)signum;
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.reload")) {
+    fs_ev_str(&ev, "signal", "SIGHUP");
+    fs_ev_bool(&ev, "ok", 0);
+    fs_ev_str(&ev, "reason", "nothing is reloaded yet: restart the unit to apply new settings or certificates");
+    fs_ev_end(&ev);
+  }
+}
+
+static void on_health_change(const char *verdict, const char *reason) { fs_sdnotify_status(verdict, reason); }
 
 static int fatal(const char *what) {
   fs_event ev;
@@ -102,22 +122,24 @@ int main(int argc, char **argv) {
   }
 
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.start")) {
+    fs_ev_str(&ev, "version", fs_version);
     fs_ev_str(&ev, "listen", cfg.listen);
     fs_ev_str(&ev, "upstream", cfg.upstream);
     fs_ev_str(&ev, "tls", cfg.tls ? (cfg.role == FS_ROLE_LINK ? "listener" : "upstream") : "off");
     fs_ev_u64(&ev, "pid", (uint64_t)getpid());
     fs_ev_end(&ev);
   }
-  uv_signal_init(loop, &sig_term);
-  uv_signal_init(loop, &sig_int);
-  uv_signal_start(&sig_term, on_signal, SIGTERM);
-  uv_signal_start(&sig_int, on_signal, SIGINT);
+  if (uv_signal_init(loop, &sig_term) < 0 || uv_signal_init(loop, &sig_int) < 0 || uv_signal_init(loop, &sig_hup) < 0 ||
+      uv_signal_start(&sig_term, on_signal, SIGTERM) < 0 || uv_signal_start(&sig_int, on_signal, SIGINT) < 0 ||
+      uv_signal_start(&sig_hup, on_hup, SIGHUP) < 0)
+    return fatal("cannot install the signal handlers");
+  if (fs_sdnotify_init(loop) < 0) return fatal("cannot start the systemd watchdog timer");
 
   if (fs_h2conn_global_init(loop) < 0) return fatal("cannot start the event loop");
   fs_fed_reset();
   fs_obs_set_clock(fs_now_ms);
-  uv_timer_init(loop, &fed_tick);
-  uv_timer_start(&fed_tick, on_fed_tick, 1000, 1000);
+  if (uv_timer_init(loop, &fed_tick) < 0 || uv_timer_start(&fed_tick, on_fed_tick, 1000, 1000) < 0)
+    return fatal("cannot start the federation timer");
   /* The proxy first (it only starts connecting), so the admin port's first
    * verdict already names the real reason. */
   if (fs_proxy_start(loop, &cfg, down_ctx, up_ctx, on_stopped, err, sizeof(err)) < 0) return fatal(err);
@@ -125,6 +147,12 @@ int main(int argc, char **argv) {
     return fatal(err);
   if (fs_admin_start(loop, &cfg, err, sizeof(err)) < 0) return fatal(err);
   fs_proxy_on_state_change(fs_admin_update);
+  fs_admin_on_change(on_health_change);
+  {
+    char why[600];
+    const char *verdict = fs_admin_verdict(why, sizeof(why));
+    fs_sdnotify_ready(verdict, why);
+  }
   uv_run(loop, UV_RUN_DEFAULT);
   fs_bufq_global_free();
   fs_h2mem_global_free();

@@ -380,19 +380,38 @@ static int use_pem_pair(SSL_CTX *ctx, const char *cert_pem, const char *key_pem,
   return 0;
 }
 
-static int use_ca(SSL_CTX *ctx, const char *ca_pem) {
+/* Trusts the certificates of |ca_pem| for verifying peers.  With
+ * |serve_in_chain| (the listener), each one that the chain does not hold
+ * yet is also sent in it and named in the CertificateRequest, as the CA of
+ * the server certificate.  Returns 0, or -1 when |ca_pem| holds no
+ * certificate or OpenSSL fails. */
+static int use_ca(SSL_CTX *ctx, const char *ca_pem, int serve_in_chain) {
   BIO *b = BIO_new_mem_buf(ca_pem, -1);
   STACK_OF(X509_INFO) *infos = b ? PEM_X509_INFO_read_bio(b, NULL, NULL, NULL) : NULL;
   X509_STORE *store = SSL_CTX_get_cert_store(ctx);
-  int i, n = 0;
+  int i, j, n = 0, ok = 1;
   BIO_free(b);
   if (!infos) return -1;
-  for (i = 0; i < sk_X509_INFO_num(infos); i++) {
+  for (i = 0; ok && i < sk_X509_INFO_num(infos); i++) {
     X509_INFO *xi = sk_X509_INFO_value(infos, i);
-    if (xi->x509 && X509_STORE_add_cert(store, xi->x509)) n++;
+    STACK_OF(X509) *chain = NULL;
+    int have = 0;
+    if (!xi->x509) continue;
+    if (!X509_STORE_add_cert(store, xi->x509)) {
+      ok = 0;
+      break;
+    }
+    n++;
+    if (!serve_in_chain) continue;
+    if (!SSL_CTX_add_client_CA(ctx, xi->x509)) ok = 0;
+    if (SSL_CTX_get0_chain_certs(ctx, &chain) && chain)
+      for (j = 0; j < sk_X509_num(chain); j++) have |= !X509_cmp(sk_X509_value(chain, j), xi->x509);
+    if (!have && !X509_cmp(SSL_CTX_get0_certificate(ctx), xi->x509)) have = 1;
+    if (ok && !have && !SSL_CTX_add1_chain_cert(ctx, xi->x509)) ok = 0;
   }
   sk_X509_INFO_pop_free(infos, X509_INFO_free);
-  return n > 0 ? 0 : -1;
+  ERR_clear_error();
+  return ok && n > 0 ? 0 : -1;
 }
 
 /* Loads a flag's PEM value into |*pem|, with the error naming the flag.
@@ -444,14 +463,23 @@ SSL_CTX *fs_tls_server_ctx(const fs_config *cfg, char *err, size_t errlen) {
       goto fail;
     }
   }
-  if (cfg->tls_ca) {
-    if (load_setting(cfg->tls_ca, cfg->tls_ca_from, 0, &ca, &ca_src, err, errlen)) goto fail;
-    if (use_ca(ctx, ca) < 0) {
-      snprintf(err, errlen, "invalid %s: no PEM certificate in it", cfg->tls_ca_from);
+  /* The CA of the server certificate (Flower's --ssl-ca-certfile): sent in
+   * the chain; a client certificate that is presented must chain to it, and
+   * one is required only with --tls-require-client-cert. */
+  if (cfg->tls_ca || !cfg->tls_cert) {
+    size_t len;
+    const char *from = cfg->tls_ca ? cfg->tls_ca_from : ca_path;
+    if (cfg->tls_ca ? load_setting(cfg->tls_ca, cfg->tls_ca_from, 0, &ca, &ca_src, err, errlen)
+                    : fs_tls_read_pem(ca_path, &ca, &len, &ca_src, err, errlen))
+      goto fail;
+    if (use_ca(ctx, ca, 1) < 0) {
+      snprintf(err, errlen, "invalid %s: no usable PEM certificate in it (%s)", from,
+               fs_tls_error_string("parse error"));
       goto fail;
     }
-    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
   }
+  if (cfg->tls_require_client_cert) SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+  else if (cfg->tls_ca) SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
   if (fs_ev_begin(&ev, FS_LOG_INFO, "tls.ready")) {
     if (cfg->tls_cert) {
       char v[300];
@@ -464,7 +492,11 @@ SSL_CTX *fs_tls_server_ctx(const fs_config *cfg, char *err, size_t errlen) {
       fs_ev_str(&ev, "ca", ca_path);
       fs_ev_bool(&ev, "generated", generated);
     }
-    if (cfg->tls_ca) fs_ev_str(&ev, "client_ca", !strcmp(ca_src, "file") ? cfg->tls_ca : "base64");
+    if (cfg->tls_ca) fs_ev_str(&ev, "ca", !strcmp(ca_src, "file") ? cfg->tls_ca : "base64");
+    fs_ev_str(&ev, "client_cert",
+              cfg->tls_require_client_cert ? "required"
+              : cfg->tls_ca                ? "verified when presented"
+                                           : "not asked");
     fs_ev_end(&ev);
   }
   free(cert);
@@ -489,7 +521,7 @@ SSL_CTX *fs_tls_client_ctx(const fs_config *cfg, char *err, size_t errlen) {
   SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, NULL);
   if (cfg->tls_ca) {
     if (load_setting(cfg->tls_ca, cfg->tls_ca_from, 0, &ca, &src, err, errlen)) goto fail;
-    if (use_ca(ctx, ca) < 0) {
+    if (use_ca(ctx, ca, 0) < 0) {
       snprintf(err, errlen, "invalid %s: no PEM certificate in it", cfg->tls_ca_from);
       goto fail;
     }

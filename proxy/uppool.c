@@ -63,11 +63,13 @@ int fs_uppool_backing_off(void) { return uv_is_active((uv_handle_t *)&U.reconnec
 void fs_uppool_stop_backoff(void) { uv_timer_stop(&U.reconnect_timer); }
 const char *fs_uppool_error(void) { return U.error; }
 
-static void set_up(int up, const char *reason) {
+/* |planned|: the upstream said it is going away (GOAWAY NO_ERROR) or we
+ * drain; logged at info, as operators alert on warn. */
+static void set_up(int up, const char *reason, int planned) {
   fs_event ev;
   if (U.up == up) return;
   U.up = (uint8_t)up;
-  if (!up && fs_ev_begin(&ev, FS_LOG_WARN, "upstream.down")) {
+  if (!up && fs_ev_begin(&ev, planned || fs_env.draining ? FS_LOG_INFO : FS_LOG_WARN, "upstream.down")) {
     fs_ev_str(&ev, "upstream", U.name);
     fs_ev_str(&ev, "reason", reason);
     fs_ev_end(&ev);
@@ -140,7 +142,7 @@ static void on_settings(fs_upconn *u) {
       fs_ev_u64(&ev, "connect_ms", fs_now_ms() - u->pc.h2.opened_ms);
       fs_ev_end(&ev);
     }
-    set_up(1, NULL);
+    set_up(1, NULL, 0);
   }
   fs_upcall_dispatch();
 }
@@ -178,7 +180,7 @@ static void on_goaway(fs_upconn *u, const nghttp2_frame *frame) {
   snprintf(U.error, sizeof(U.error), "%s", u->pc.h2.close_reason);
   /* The upstream is going away: health says so at once, and a new
    * connection is tried now for the calls to come. */
-  if (U.up && !any_ready()) set_up(0, u->pc.h2.close_reason);
+  if (U.up && !any_ready()) set_up(0, u->pc.h2.close_reason, frame->goaway.error_code == NGHTTP2_NO_ERROR);
   if (!fs_uppool_pick(&should_connect) && should_connect) fs_uppool_connect_now();
   if (fs_upcall_waiting()) fs_upcall_dispatch();
 }
@@ -245,7 +247,7 @@ static void conn_freed(fs_h2conn *h) {
   fs_list_remove(&u->node);
   U.nconns--;
   free(u);
-  if (U.up && !any_ready()) set_up(0, U.error);
+  if (U.up && !any_ready()) set_up(0, U.error, 0);
   schedule_reconnect(); /* first: failed calls say when the next attempt is */
   if (U.nconnecting == 0 && !any_ready()) fs_upcall_fail_waiting(U.error, 0);
   else fs_upcall_dispatch();
@@ -343,7 +345,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
   U.resolving = 0;
   if (status < 0 || !res) {
     snprintf(U.error, sizeof(U.error), "cannot resolve %s: %s", U.host, uv_strerror(status));
-    if (U.up) set_up(0, U.error);
+    if (U.up) set_up(0, U.error, 0);
     schedule_reconnect();
     if (!U.nconnecting) fs_upcall_fail_waiting(U.error, 0);
     if (U.o.on_maybe_idle) U.o.on_maybe_idle();

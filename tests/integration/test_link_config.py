@@ -40,6 +40,8 @@ def safe(tmp_path, *skip):
     return a + ["--tls-dir", str(tmp_path / "tls")]
 
 
+VAR_FLAG = {"FL_SUPERLINK_ADDRESS": "--upstream", "FL_FLEET_API_ADDRESS": "--listen", "FL_SIDECAR_ADMIN": "--admin"}
+
 # (id, args after the role (None: no role at all), env, strings the one line must contain)
 BAD = [
     ("unknown-flag", ["--frobnicate"], {}, ["--frobnicate"]),
@@ -52,6 +54,13 @@ BAD = [
     ("log-level-variable", [], {"FL_LOG_LEVEL": "LOUD"}, ["FL_LOG_LEVEL", "LOUD"]),
     ("tls-enabled-variable", [], {"FL_TLS_ENABLED": "maybe"}, ["FL_TLS_ENABLED", "maybe"]),
     ("superlink-address-variable", [], {"FL_SUPERLINK_ADDRESS": "no-port"}, ["FL_SUPERLINK_ADDRESS", "no-port"]),
+    ("fleet-api-address-variable", [], {"FL_FLEET_API_ADDRESS": "0.0.0.0"}, ["FL_FLEET_API_ADDRESS", "0.0.0.0"]),
+    ("admin-variable", [], {"FL_SIDECAR_ADMIN": "localhost:0"}, ["FL_SIDECAR_ADMIN", "localhost:0"]),
+    ("require-client-cert-variable", [], {"FL_SIDECAR_REQUIRE_CLIENT_CERT": "sure"},
+     ["FL_SIDECAR_REQUIRE_CLIENT_CERT", "sure"]),
+    ("tls-ca-without-server-cert", ["--tls-ca", "/etc/hostname"], {}, ["--tls-ca", "/etc/hostname", "server certificate"]),
+    ("tls-keyfile-variable-without-cert", [], {"FL_SSL_KEYFILE": "c2VjcmV0IGtleSBtYXRlcmlhbA=="},
+     ["FL_SSL_KEYFILE", "not shown"]),
     ("tls-cert-without-key", ["--tls-cert", "/etc/hostname"], {}, ["--tls-cert", "/etc/hostname", "key"]),
     ("tls-key-without-cert", ["--tls-key", "/etc/hostname"], {}, ["--tls-key", "/etc/hostname", "certificate"]),
     ("tls-cert-unreadable", ["--tls-cert", "/nonexistent", "--tls-key", "/nonexistent-key"], {},
@@ -71,11 +80,14 @@ def test_bad_configuration_is_exit_2_with_one_line(case, tmp_path):
     elif name == "bad-role":
         argv = ["linky", *safe(tmp_path)]
     else:
-        flags = [a for a in args if a.startswith("--")]
+        # a variable is read only when no flag gives its setting
+        flags = [a for a in args if a.startswith("--")] + [VAR_FLAG[v] for v in env if v in VAR_FLAG]
         argv = ["link", *safe(tmp_path, *flags), *args]
     r = run_sidecar(argv, env)
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert r.returncode == 2, f"exit {r.returncode}, stderr {r.stderr!r}"
+    if name == "tls-keyfile-variable-without-cert":
+        assert "c2VjcmV0" not in r.stdout + r.stderr
     assert len(lines) == 1, f"expected one line on stderr, got {lines}"
     for n in needles:
         assert n in lines[0], f"{n!r} not in {lines[0]!r}"
@@ -130,3 +142,86 @@ def test_help_lists_every_flag():
     # Also after the role, as users type it.
     r2 = run_sidecar(["link", "--help"])
     assert r2.returncode == 0 and r2.stdout == r.stdout
+
+
+def _start_and_read(argv, env, tmp_path, ready_port):
+    """Starts the sidecar, waits for |ready_port| to listen, stops it with
+    SIGTERM; returns (exit code, stdout)."""
+    from conftest import listening, wait_for
+    e = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
+    e.update(env)
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        p = subprocess.Popen([SIDECAR, *argv], stdout=f, stderr=subprocess.STDOUT, env=e)
+    try:
+        wait_for(lambda: p.poll() is not None or listening(ready_port), 10 * SLOW, f"port {ready_port}")
+        assert p.poll() is None, out.read_text()
+    finally:
+        if p.poll() is None:
+            p.terminate()
+        rc = p.wait(timeout=15 * SLOW)
+    return rc, out.read_text()
+
+
+# (id, variable that alone would be refused, flag that gives the same setting)
+FLAG_WINS = [
+    ("log-format", {"FL_LOG_FORMAT": "xml"}, ["--log-format", "text"]),
+    ("tls-enabled", {"FL_TLS_ENABLED": "maybe"}, ["--no-tls"]),
+    ("fleet-api-address", {"FL_FLEET_API_ADDRESS": "nonsense"}, []),  # --listen comes from the test
+    ("admin", {"FL_SIDECAR_ADMIN": "nonsense"}, []),                  # --admin comes from the test
+    ("backoff", {"FL_EDGE_BACKOFF_INITIAL": "-1"}, ["--backoff-initial", "2"]),
+]
+
+
+@pytest.mark.parametrize("case", FLAG_WINS, ids=[c[0] for c in FLAG_WINS])
+def test_a_flag_wins_over_an_invalid_variable(case, tmp_path):
+    """conventions.md: a flag wins over its variable, even an invalid one
+    (an invalid variable whose setting no flag gives is exit 2, above)."""
+    name, env, flags = case
+    listen, admin = procs.free_port(), procs.free_port()
+    argv = ["link", "--listen", f"{HOST}:{listen}", "--admin", f"{HOST}:{admin}", "--upstream",
+            f"{HOST}:{procs.free_port()}", "--tls-dir", str(tmp_path / "tls"), *flags]
+    rc, out = _start_and_read(argv, env, tmp_path, admin)
+    assert rc == 0, out
+    if name == "log-format":
+        assert not out.startswith("{") and re.search(r"Z info +sidecar\.start ", out), out  # text, not JSON
+    if name == "tls-enabled":
+        assert "tls=off" in out or '"tls":"off"' in out, out
+
+
+def test_listen_and_admin_from_the_appliance_variables(tmp_path):
+    """FL_FLEET_API_ADDRESS (the SuperLink's Fleet API address in the
+    appliances) is the link role's --listen; FL_SIDECAR_ADMIN (the variable
+    the READY_SCRIPT reads) its --admin.  The node role ignores
+    FL_FLEET_API_ADDRESS: there it is the SuperLink's own setting."""
+    import json
+    import urllib.request
+    from conftest import listening
+    listen, admin = procs.free_port(), procs.free_port()
+    env = {"FL_FLEET_API_ADDRESS": f"{HOST}:{listen}", "FL_SIDECAR_ADMIN": f"{HOST}:{admin}"}
+    argv = ["link", "--upstream", f"{HOST}:{procs.free_port()}", "--tls-dir", str(tmp_path / "tls")]
+    from conftest import wait_for
+    e = {k: v for k, v in os.environ.items() if not k.startswith("FL_")}
+    e.update(env)
+    p = subprocess.Popen([SIDECAR, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=e)
+    try:
+        wait_for(lambda: p.poll() is not None or (listening(admin) and listening(listen)), 10 * SLOW, "both ports")
+        assert p.poll() is None
+        try:
+            urllib.request.urlopen(f"http://{HOST}:{admin}/healthz", timeout=5)
+        except urllib.error.HTTPError as e503:
+            assert e503.code == 503  # no upstream here: NOT_SERVING, but it answered
+    finally:
+        p.terminate()
+        out = p.communicate(timeout=15 * SLOW)[0].decode()
+    start = [json.loads(ln) for ln in out.splitlines() if '"sidecar.start"' in ln][0]
+    assert start["event"] == "sidecar.start" and start["listen"] == f"{HOST}:{listen}", out
+    version = subprocess.run([SIDECAR, "--version"], capture_output=True, text=True).stdout.split()[-1]
+    assert start["version"] == version, start
+
+    node_admin = procs.free_port()
+    env = {"FL_FLEET_API_ADDRESS": "0.0.0.0:1", "FL_SIDECAR_ADMIN": f"{HOST}:{node_admin}",
+           "FL_SUPERLINK_ADDRESS": f"{HOST}:{procs.free_port()}"}
+    rc, out = _start_and_read(["node", "--listen", f"{HOST}:{procs.free_port()}", "--no-tls"], env, tmp_path,
+                              node_admin)
+    assert rc == 0 and "0.0.0.0:1" not in out, out
