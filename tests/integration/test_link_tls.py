@@ -11,6 +11,7 @@ import os
 import socket
 import ssl
 import stat
+import subprocess
 import time
 
 import grpc
@@ -225,3 +226,85 @@ def test_operator_certificate_from_base64_variables(echo, make_sidecar, operator
     with pytest.raises(grpc.RpcError):
         other_ca, _ = make_ca(tmp_path / "x", cn="Not the operator CA")
         unary(sc.channel(root_ca=other_ca.read_bytes()), "Unary", b"x", timeout=10)
+
+
+# --- Flower's TLS semantics: the CA of the server certificate ---------------
+
+def make_client_cert(d, ca, name: str = "client"):
+    """A client certificate signed by |ca| with the openssl CLI: (cert, key)."""
+    cert, key, csr, ext = d / f"{name}.pem", d / f"{name}.key", d / f"{name}.csr", d / f"{name}.ext"
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-keyout", str(key),
+            "-out", str(csr), "-subj", f"/CN={name}")
+    ext.write_text("extendedKeyUsage=clientAuth\nbasicConstraints=critical,CA:FALSE\n")
+    openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+            "-out", str(cert), "-days", "2", "-extfile", str(ext))
+    return cert, key
+
+
+def _ssl_variables(pki):
+    (ca, _), (cert, key) = pki
+    return {"FL_SSL_CA_CERTFILE": base64.b64encode(ca.read_bytes()).decode(),
+            "FL_SSL_CERTFILE": base64.b64encode(cert.read_bytes()).decode(),
+            "FL_SSL_KEYFILE": base64.b64encode(key.read_bytes()).decode()}
+
+
+def _mtls_channel(sc, ca: bytes, cert=None):
+    creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=cert[1].read_bytes() if cert else None,
+                                         certificate_chain=cert[0].read_bytes() if cert else None)
+    ch = grpc.secure_channel(sc.target(), creds, options=[("grpc.use_local_subchannel_pool", 1)])
+    sc.channels.append(ch)
+    return ch
+
+
+def _served_chain(port: int) -> int:
+    out = subprocess.run(["openssl", "s_client", "-connect", f"{HOST}:{port}", "-alpn", "h2", "-showcerts"],
+                         input="", capture_output=True, text=True, timeout=20).stdout
+    return out.count("-----BEGIN CERTIFICATE-----")
+
+
+def test_all_three_ssl_variables_do_not_lock_out_stock_supernodes(echo, make_sidecar, operator_pki, tmp_path):
+    """The appliances ask for FL_SSL_CA_CERTFILE, FL_SSL_CERTFILE and
+    FL_SSL_KEYFILE.  As with Flower's SuperLink (require_client_auth=False),
+    a SuperNode that has only the CA gets in; the CA is sent in the chain; a
+    client certificate that is presented must chain to the CA."""
+    (ca, _), _ = operator_pki
+    sc = make_sidecar(upstream=echo, env=_ssl_variables(operator_pki), tls_dir=tmp_path / "unused")
+    ready = sc.events.wait("tls.ready")
+    assert ready["client_cert"] == "verified when presented", ready
+    assert unary(_mtls_channel(sc, ca.read_bytes()), "Unary", b"ca only") == b"ca only"
+    assert _served_chain(sc.port) == 2, "the server certificate's CA is not in the chain"
+    good = make_client_cert(tmp_path, operator_pki[0], "good")
+    assert unary(_mtls_channel(sc, ca.read_bytes(), good), "Unary", b"cert") == b"cert"
+    opened = sc.events.wait("conn.open", client_cert="/CN=good")
+    assert opened["client_cert"] == "/CN=good"
+    stranger_ca = make_ca(tmp_path / "stranger", cn="Stranger CA")
+    bad = make_client_cert(tmp_path, stranger_ca, "bad")
+    with pytest.raises(grpc.RpcError) as e:
+        unary(_mtls_channel(sc, ca.read_bytes(), bad), "Unary", b"x", timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    sc.events.wait("tls.fail")
+
+
+def test_require_client_cert_makes_mtls_mandatory(echo, make_sidecar, operator_pki, tmp_path):
+    (ca, _), _ = operator_pki
+    env = dict(_ssl_variables(operator_pki), FL_SIDECAR_REQUIRE_CLIENT_CERT="YES")
+    sc = make_sidecar(upstream=echo, env=env, tls_dir=tmp_path / "unused")
+    assert sc.events.wait("tls.ready")["client_cert"] == "required"
+    with pytest.raises(grpc.RpcError) as e:
+        unary(_mtls_channel(sc, ca.read_bytes()), "Unary", b"x", timeout=10)
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+    fail = sc.events.wait("tls.fail")
+    assert "certificate" in fail["reason"], fail
+    good = make_client_cert(tmp_path, operator_pki[0], "member")
+    assert unary(_mtls_channel(sc, ca.read_bytes(), good), "Unary", b"member") == b"member"
+    assert sc.events.wait("conn.open", client_cert="/CN=member")
+
+
+def test_require_client_cert_flag_with_the_auto_generated_ca(echo, make_sidecar, tmp_path):
+    """--tls-require-client-cert without an operator CA: client certificates
+    must come from the auto-generated CA (its key is in --tls-dir)."""
+    sc = make_sidecar("--tls-require-client-cert", upstream=echo)
+    with pytest.raises(grpc.RpcError):
+        unary(_mtls_channel(sc, sc.ca_pem), "Unary", b"x", timeout=10)
+    client = make_client_cert(tmp_path, (sc.tls_dir / "ca.pem", sc.tls_dir / "ca.key"), "auto-member")
+    assert unary(_mtls_channel(sc, sc.ca_pem, client), "Unary", b"auto") == b"auto"
