@@ -3,7 +3,10 @@
 
 PREFIX   ?= /usr/local
 CC       ?= cc
-BUILD    := build
+# The package build (debian/rules) uses its own tree: BUILD=debian/build.
+BUILD    ?= build
+# One version, from debian/changelog's first line.
+VERSION  := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
 GEN      := $(BUILD)/gen
 PYGEN    := $(BUILD)/py
 
@@ -21,7 +24,8 @@ GRPC_LIBS   := $(shell pkg-config --libs grpc gpr 2>/dev/null)
 
 WARN     := -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter
 CFLAGS   ?= -O2 -g
-ALL_CFLAGS := -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS)
+# CPPFLAGS and LDFLAGS as the caller gives them (dpkg-buildflags: hardening).
+ALL_CFLAGS := -std=c11 -D_GNU_SOURCE -DFS_VERSION='"$(VERSION)"' $(WARN) $(CPPFLAGS) $(CFLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS)
 SAN_FLAGS := -O1 -g -fno-omit-frame-pointer -fsanitize=address,undefined -fno-sanitize-recover=all
 
 PROTOS      := $(wildcard proto/*.proto)
@@ -44,8 +48,9 @@ UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
 UNIT_ASAN   := $(patsubst tests/unit/%.c,$(BUILD)/unit-asan/%,$(UNIT_SRC))
 
-.PHONY: format format-check all deps test unit unit-asan integration demo install clean bench fuzz fuzz-corpus fuzz-seeds proto-py
-all: $(BUILD)/flower-sidecar $(BUILD)/flower-probe proto-py
+.PHONY: format format-check all binaries deps test unit unit-asan integration demo install uninstall deb deb-deps package-test clean bench fuzz fuzz-corpus fuzz-seeds proto-py
+all: binaries proto-py
+binaries: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
 
 deps:
 	@missing=""; for p in $(DEB_PKGS); do \
@@ -76,7 +81,7 @@ $(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
 
 $(BUILD)/obj/%.pb-c.o: $(GEN)/%.pb-c.c $(PROTO_H)
 	@mkdir -p $(dir $@)
-	$(CC) -std=c11 -O2 -g -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
+	$(CC) -std=c11 $(CPPFLAGS) $(CFLAGS) -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
 
 $(BUILD)/libsidecar.a: $(PROXY_OBJ) $(PROTO_OBJ)
 	rm -f $@; ar rcs $@ $^
@@ -93,11 +98,11 @@ $(BUILD)/libsidecar-asan.a: $(PROXY_ASAN_OBJ) $(PROTO_ASAN_OBJ)
 	rm -f $@; ar rcs $@ $^
 
 $(BUILD)/flower-sidecar: proxy/main.c $(BUILD)/libsidecar.a
-	$(CC) $(ALL_CFLAGS) -o $@ $< $(BUILD)/libsidecar.a $(PKG_LIBS) -lm
+	$(CC) $(ALL_CFLAGS) $(LDFLAGS) -o $@ $< $(BUILD)/libsidecar.a $(PKG_LIBS) -lm
 
 $(BUILD)/flower-probe: $(wildcard health/*.c health/*.h) $(PROTO_C)
-	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -I$(GEN) -Ihealth $(GRPC_CFLAGS) $(PKG_CFLAGS) \
-	  -o $@ $(wildcard health/*.c) $(GEN)/health.pb-c.c $(GRPC_LIBS) $(PKG_LIBS)
+	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(CPPFLAGS) $(CFLAGS) $(LDFLAGS) -I$(GEN) -Ihealth $(GRPC_CFLAGS) \
+	  $(PKG_CFLAGS) -o $@ $(wildcard health/*.c) $(GEN)/health.pb-c.c $(GRPC_LIBS) $(PKG_LIBS)
 
 # Unit tests #include the module under test (h2o style) when they need its
 # static functions; they link against everything else.
@@ -176,9 +181,59 @@ format:
 format-check:
 	@clang-format --dry-run -Werror $(FORMAT_SRC) && echo "format-check: $(words $(FORMAT_SRC)) files follow .clang-format"
 
+# `make install` puts the same files as the Debian packages (DESTDIR-aware);
+# the unit and the one-context shim get the installed paths.
+SBINDIR   ?= $(PREFIX)/sbin
+BINDIR    ?= $(PREFIX)/bin
+LIBDIR    ?= $(PREFIX)/lib/flower-sidecar
+MANDIR    ?= $(PREFIX)/share/man
+DOCDIR    ?= $(PREFIX)/share/doc/flower-sidecar
+SYSCONFDIR ?= /etc
+UNITDIR   ?= $(PREFIX)/lib/systemd/system
+SUBST = sed -e 's|@VERSION@|$(VERSION)|g' -e 's|/usr/sbin/flower-sidecar|$(SBINDIR)/flower-sidecar|g' \
+            -e 's|/usr/lib/flower-sidecar|$(LIBDIR)|g'
+INSTALLED = $(SBINDIR)/flower-sidecar $(BINDIR)/flower-probe $(MANDIR)/man8/flower-sidecar.8 \
+            $(MANDIR)/man1/flower-probe.1 $(UNITDIR)/flower-sidecar@.service $(SYSCONFDIR)/default/flower-sidecar \
+            $(SYSCONFDIR)/one-context.d/net-99-flower-sidecar $(LIBDIR)/one-context-hook $(LIBDIR)/health-check.sh \
+            $(DOCDIR)/examples/flower-superlink.service $(DOCDIR)/examples/flower-supernode.service
 install: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
-	install -D -m 0755 $(BUILD)/flower-sidecar $(DESTDIR)$(PREFIX)/bin/flower-sidecar
-	install -D -m 0755 $(BUILD)/flower-probe $(DESTDIR)$(PREFIX)/bin/flower-probe
-
+	install -D -m 0755 $(BUILD)/flower-sidecar $(DESTDIR)$(SBINDIR)/flower-sidecar
+	install -D -m 0755 $(BUILD)/flower-probe $(DESTDIR)$(BINDIR)/flower-probe
+	install -d $(DESTDIR)$(MANDIR)/man8 $(DESTDIR)$(MANDIR)/man1 $(DESTDIR)$(UNITDIR) $(DESTDIR)$(LIBDIR) \
+	  $(DESTDIR)$(SYSCONFDIR)/default $(DESTDIR)$(SYSCONFDIR)/one-context.d $(DESTDIR)$(DOCDIR)/examples
+	$(SUBST) deploy/man/flower-sidecar.8 > $(DESTDIR)$(MANDIR)/man8/flower-sidecar.8
+	$(SUBST) deploy/man/flower-probe.1 > $(DESTDIR)$(MANDIR)/man1/flower-probe.1
+	$(SUBST) deploy/systemd/flower-sidecar@.service > $(DESTDIR)$(UNITDIR)/flower-sidecar@.service
+	$(SUBST) deploy/opennebula/net-99-flower-sidecar > $(DESTDIR)$(SYSCONFDIR)/one-context.d/net-99-flower-sidecar
+	chmod 0644 $(DESTDIR)$(MANDIR)/man8/flower-sidecar.8 $(DESTDIR)$(MANDIR)/man1/flower-probe.1 \
+	  $(DESTDIR)$(UNITDIR)/flower-sidecar@.service
+	chmod 0755 $(DESTDIR)$(SYSCONFDIR)/one-context.d/net-99-flower-sidecar
+	install -m 0644 deploy/systemd/flower-sidecar.default $(DESTDIR)$(SYSCONFDIR)/default/flower-sidecar
+	install -m 0755 deploy/opennebula/one-context-hook deploy/opennebula/health-check.sh $(DESTDIR)$(LIBDIR)/
+	install -m 0644 deploy/systemd/examples/*.service $(DESTDIR)$(DOCDIR)/examples/
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	-rmdir $(DESTDIR)$(LIBDIR) $(DESTDIR)$(DOCDIR)/examples $(DESTDIR)$(DOCDIR) 2>/dev/null
+# The Debian packages, built on this machine's release (build/deb/): their
+# ${shlibs:Depends} name this release's library packages.  Needs root for
+# apt-get only when build dependencies are missing.
+DEB_BUILD_PKGS := debhelper dpkg-dev lintian
+deb-deps: deps
+	@missing=""; for p in $(DEB_BUILD_PKGS); do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || missing="$$missing $$p"; \
+	done; [ -z "$$missing" ] || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq --no-install-recommends $$missing >/dev/null)
+deb: deb-deps
+	rm -rf $(BUILD)/deb && mkdir -p $(BUILD)/deb
+	dpkg-buildpackage -us -uc -b
+	mv ../flower-sidecar_$(VERSION)_*.deb ../flower-sidecar-dbgsym_$(VERSION)_*.deb \
+	  ../flower-probe_$(VERSION)_*.deb ../flower-probe-dbgsym_$(VERSION)_*.deb \
+	  ../flower-sidecar_$(VERSION)_*.buildinfo ../flower-sidecar_$(VERSION)_*.changes $(BUILD)/deb/
+	lintian --fail-on error $(BUILD)/deb/*.deb $(BUILD)/deb/*.changes
+	@ls -l $(BUILD)/deb
+# Root, on a machine you may change (CI): builds, installs with apt-get,
+# checks the installed files and units, purges (tests/package_test.sh).
+package-test: deb
+	tests/package_test.sh $(BUILD)/deb
 clean:
 	rm -rf $(BUILD)
