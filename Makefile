@@ -14,7 +14,7 @@ PYGEN    := $(BUILD)/py
 DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
             libprotobuf-c-dev libsystemd-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
             libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-pytest-xdist python3-cryptography \
-            nghttp2-client openssl iproute2 nftables clang clang-format libclang-rt-14-dev valgrind prometheus
+            nghttp2-client openssl iproute2 nftables shellcheck clang clang-format libclang-rt-14-dev valgrind prometheus
 
 PKGS     := libuv openssl libnghttp2 libprotobuf-c libsystemd
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
@@ -178,8 +178,11 @@ FORMAT_SRC = $(wildcard proxy/*.[ch] health/*.[ch] tests/unit/*.[ch] tests/fuzz/
 format:
 	clang-format -i $(FORMAT_SRC)
 
+SHELL_SRC = deploy/opennebula/one-context-hook deploy/opennebula/health-check.sh deploy/opennebula/net-99-flower-sidecar
 format-check:
 	@clang-format --dry-run -Werror $(FORMAT_SRC) && echo "format-check: $(words $(FORMAT_SRC)) files follow .clang-format"
+	@shellcheck -s sh $(SHELL_SRC) && shellcheck tests/package_test.sh tests/stages.sh && \
+	  echo "format-check: shellcheck finds nothing in $(words $(SHELL_SRC)) POSIX sh scripts and 2 bash scripts"
 
 # `make install` puts the same files as the Debian packages (DESTDIR-aware);
 # the unit and the one-context shim get the installed paths.

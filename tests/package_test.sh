@@ -42,7 +42,9 @@ rc=0; /usr/bin/flower-probe -addr 127.0.0.1:1 -connect-timeout 1s >/dev/null 2>&
 [ "$rc" = 2 ] || fail "flower-probe against a closed port exited $rc, expected 2"
 rc=0; /usr/sbin/flower-sidecar node >/dev/null 2>&1 || rc=$?
 [ "$rc" = 2 ] || fail "flower-sidecar node without an upstream exited $rc, expected 2"
-man -w flower-sidecar >/dev/null && man -w flower-probe >/dev/null || fail "man pages not found by man"
+zcat /usr/share/man/man8/flower-sidecar.8.gz | grep -q "^\.TH FLOWER-SIDECAR 8 .*flower-sidecar $(dpkg-query -W -f='${Version}' flower-sidecar)" ||
+  fail "flower-sidecar.8 does not carry the package version"
+zcat /usr/share/man/man1/flower-probe.1.gz | grep -q '^\.TH FLOWER-PROBE 1' || fail "flower-probe.1"
 
 echo "== systemd-analyze"
 for role in link node; do

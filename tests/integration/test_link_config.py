@@ -225,3 +225,16 @@ def test_listen_and_admin_from_the_appliance_variables(tmp_path):
     rc, out = _start_and_read(["node", "--listen", f"{HOST}:{procs.free_port()}", "--no-tls"], env, tmp_path,
                               node_admin)
     assert rc == 0 and "0.0.0.0:1" not in out, out
+
+
+def test_man_page_lists_every_flag_and_variable():
+    """flower-sidecar(8) documents every flag the parser knows and every
+    variable it reads (deploy/man/flower-sidecar.8, installed by the package)."""
+    man = (ROOT / "deploy" / "man" / "flower-sidecar.8").read_text().replace("\\-", "-")
+    missing = [f for f in _known_flags() if not re.search(re.escape(f) + r"\b", man)]
+    assert not missing, f"flower-sidecar.8 does not mention {missing}"
+    src = (ROOT / "proxy" / "config.c").read_text()
+    variables = re.findall(r'\{"(FL_[A-Z_]+)", OPT_', src)
+    assert len(variables) >= 14, variables
+    missing = [v for v in variables if v not in man.replace("\\_", "_")]
+    assert not missing, f"flower-sidecar.8 does not mention {missing}"
