@@ -14,7 +14,7 @@ PYGEN    := $(BUILD)/py
 DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
             libprotobuf-c-dev libsystemd-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
             libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-pytest-xdist python3-cryptography \
-            nghttp2-client openssl iproute2 nftables shellcheck clang clang-format libclang-rt-14-dev valgrind prometheus
+            nghttp2-client openssl iproute2 nftables shellcheck clang clang-format libclang-rt-14-dev valgrind strace prometheus
 
 PKGS     := libuv openssl libnghttp2 libprotobuf-c libsystemd
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
