@@ -79,6 +79,9 @@ $(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
+# The version is compiled into config.o.
+$(BUILD)/obj/config.o $(BUILD)/obj-asan/config.o: debian/changelog
+
 $(BUILD)/obj/%.pb-c.o: $(GEN)/%.pb-c.c $(PROTO_H)
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 $(CPPFLAGS) $(CFLAGS) -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
@@ -88,7 +91,7 @@ $(BUILD)/libsidecar.a: $(PROXY_OBJ) $(PROTO_OBJ)
 
 $(BUILD)/obj-asan/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
 	@mkdir -p $(dir $@)
-	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
+	$(CC) -std=c11 -D_GNU_SOURCE -DFS_VERSION='"$(VERSION)"' $(WARN) $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
 
 $(BUILD)/obj-asan/%.pb-c.o: $(GEN)/%.pb-c.c $(PROTO_H)
 	@mkdir -p $(dir $@)

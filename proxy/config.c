@@ -10,7 +10,7 @@
 #include <strings.h>
 
 #ifndef FS_VERSION
-#define FS_VERSION "0.1.0"
+#define FS_VERSION "unknown" /* the Makefile passes debian/changelog's */
 #endif
 
 const char fs_version[] = FS_VERSION;
