@@ -122,10 +122,12 @@ void fs_admin_update(void) {
   fs_list_node *n, *next;
   fs_event ev;
   char why[600];
-  /* warn is for operators' alerts: not the first verdict at start, nor a
-   * drain they asked for. */
-  fs_log_level level =
-      st == FS_HEALTH_SERVING || A.status == FS_HEALTH_UNKNOWN || fs_proxy_draining() ? FS_LOG_INFO : FS_LOG_WARN;
+  /* warn is for operators' alerts: not the first verdict at start, a drain
+   * they asked for, or an upstream that announced its stop. */
+  fs_log_level level = st == FS_HEALTH_SERVING || A.status == FS_HEALTH_UNKNOWN || fs_proxy_draining() ||
+                               fs_proxy_upstream_down_planned()
+                           ? FS_LOG_INFO
+                           : FS_LOG_WARN;
   if (st == A.status) return;
   full_reason(st, reason, why, sizeof(why));
   if (fs_ev_begin(&ev, level, "health.change")) {

@@ -33,6 +33,7 @@ static struct {
 
 const fs_proxy_stats *fs_proxy_get_stats(void) { return &fs_env.stats; }
 int fs_proxy_upstream_up(void) { return fs_uppool_up(); }
+int fs_proxy_upstream_down_planned(void) { return fs_uppool_down_planned(); }
 int fs_proxy_draining(void) { return fs_env.draining; }
 int fs_proxy_listening(void) { return fs_downstream_listening(); }
 const char *fs_proxy_upstream_error(void) { return fs_uppool_error(); }

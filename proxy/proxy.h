@@ -44,6 +44,8 @@ void fs_proxy_drain(void);
 /* Nonzero while at least one upstream connection is established (its
  * SETTINGS arrived). */
 int fs_proxy_upstream_up(void);
+/* Nonzero while the upstream is down after announcing it (GOAWAY NO_ERROR). */
+int fs_proxy_upstream_down_planned(void);
 int fs_proxy_draining(void);
 int fs_proxy_listening(void);
 const fs_proxy_stats *fs_proxy_get_stats(void);

@@ -27,6 +27,7 @@ static struct {
   fs_list_node conns; /* fs_upconn.node, newest first */
   uint32_t nconns, nconnecting;
   uint8_t up, resolving, stopped;
+  uint8_t down_planned; /* the last loss was announced (GOAWAY NO_ERROR) */
   char host[256];
   int port;
   char name[300]; /* "host:port" or "[v6]:port", for events and messages */
@@ -57,6 +58,7 @@ void fs_uppool_report(const char *what, const char *why) {
 }
 
 int fs_uppool_up(void) { return U.up; }
+int fs_uppool_down_planned(void) { return !U.up && U.down_planned; }
 const char *fs_uppool_name(void) { return U.name; }
 const fs_uppool_options *fs_uppool_options_get(void) { return &U.o; }
 int fs_uppool_backing_off(void) { return uv_is_active((uv_handle_t *)&U.reconnect_timer); }
@@ -69,6 +71,7 @@ static void set_up(int up, const char *reason, int planned) {
   fs_event ev;
   if (U.up == up) return;
   U.up = (uint8_t)up;
+  U.down_planned = (uint8_t)(!up && planned);
   if (!up && fs_ev_begin(&ev, planned || fs_env.draining ? FS_LOG_INFO : FS_LOG_WARN, "upstream.down")) {
     fs_ev_str(&ev, "upstream", U.name);
     fs_ev_str(&ev, "reason", reason);

@@ -46,6 +46,10 @@ void fs_uppool_route(fs_call *c);
 /* Nonzero while an upstream connection is established (SETTINGS arrived). */
 int fs_uppool_up(void);
 
+/* Nonzero while down after the upstream announced its going away
+ * (GOAWAY NO_ERROR: a planned restart), for the level of health events. */
+int fs_uppool_down_planned(void);
+
 /* Why the upstream is not connected (last connect or connection error). */
 const char *fs_uppool_error(void);
 

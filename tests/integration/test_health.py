@@ -972,6 +972,9 @@ def test_upstream_goaway_is_not_serving(h, role, tmp_path):
         f"NOT_SERVING only {t - t_term:.2f} s after the upstream's GOAWAY (when the call in flight "
         f"ended); meanwhile its listener was closed and a new call got {new_call}")
     latency(f"{role}: NOT_SERVING after the upstream's GOAWAY", t - t_term)
+    # A planned stop (GOAWAY NO_ERROR) is not what operators alert on (warn).
+    warns = [e for e in sc.events() if e["level"] == "warn" and e["event"] in ("upstream.down", "health.change")]
+    assert not warns, warns
 
 
 def test_sigterm_is_not_serving_while_draining(h, role):
