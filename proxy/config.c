@@ -53,6 +53,14 @@ enum {
   OPT_HOLD_TIMEOUT,
   OPT_RETRY_BUFFER,
   OPT_UPSTREAM_HEALTH,
+  OPT_ONEGATE,
+  OPT_ONEGATE_ENDPOINT,
+  OPT_ONEGATE_VMID,
+  OPT_ONEGATE_TOKEN_FILE,
+  OPT_ONEGATE_ROLE,
+  OPT_ADVERTISE,
+  OPT_ONEGATE_READY_GRACE,
+  OPT_ONEGATE_TIMEOUT,
   OPT_HELP,
   OPT_VERSION
 };
@@ -94,6 +102,14 @@ static const struct option long_opts[] = {{"listen", required_argument, 0, OPT_L
                                           {"hold-timeout", required_argument, 0, OPT_HOLD_TIMEOUT},
                                           {"upstream-health", required_argument, 0, OPT_UPSTREAM_HEALTH},
                                           {"retry-buffer", required_argument, 0, OPT_RETRY_BUFFER},
+                                          {"onegate", required_argument, 0, OPT_ONEGATE},
+                                          {"onegate-endpoint", required_argument, 0, OPT_ONEGATE_ENDPOINT},
+                                          {"onegate-vmid", required_argument, 0, OPT_ONEGATE_VMID},
+                                          {"onegate-token-file", required_argument, 0, OPT_ONEGATE_TOKEN_FILE},
+                                          {"onegate-role", required_argument, 0, OPT_ONEGATE_ROLE},
+                                          {"advertise", required_argument, 0, OPT_ADVERTISE},
+                                          {"onegate-ready-grace", required_argument, 0, OPT_ONEGATE_READY_GRACE},
+                                          {"onegate-timeout", required_argument, 0, OPT_ONEGATE_TIMEOUT},
                                           {"help", no_argument, 0, OPT_HELP},
                                           {"version", no_argument, 0, OPT_VERSION},
                                           {0, 0, 0, 0}};
@@ -150,6 +166,18 @@ void fs_config_usage(void) {
         "                                with its connection); 0 = never repeat (link 0, node 8M)\n"
         "  --backoff-initial S           [FL_EDGE_BACKOFF_INITIAL] reconnect delay (link 1, node 10)\n"
         "  --backoff-max S               [FL_EDGE_BACKOFF_MAX] reconnect delay cap (link 30, node 300)\n"
+        "OneGate (publication and discovery; see README, Deployment):\n"
+        "  --onegate auto|on|off         auto: on when an endpoint is known (auto)\n"
+        "  --onegate-endpoint URL        [ONEGATE_ENDPOINT] e.g. http://192.168.0.1:5030\n"
+        "  --onegate-vmid N              [VMID] this VM's ID\n"
+        "  --onegate-token-file PATH     [ONEGATE_TOKEN_FILE] ($CREDENTIALS_DIRECTORY/onegate-token under\n"
+        "                                systemd, else /run/one-context/token.txt); never logged\n"
+        "  --onegate-role NAME           node: the OneFlow role of the SuperLink (superlink)\n"
+        "  --advertise HOST:PORT         link: FL_ENDPOINT to publish (first non-loopback address of the\n"
+        "                                host, and the --listen port)\n"
+        "  --onegate-ready-grace S       link: NOT_SERVING this long before FL_READY=NO (30)\n"
+        "  --onegate-timeout S           per OneGate request (10)\n"
+        "  node: without --upstream, the SuperLink's endpoint and CA are discovered via OneGate\n"
         "Logging:\n"
         "  --log-format json|text        [FL_LOG_FORMAT] (json)\n"
         "  --log-level LEVEL             [FL_LOG_LEVEL] DEBUG, INFO, WARNING, ERROR (INFO)\n"
@@ -361,6 +389,37 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
   case OPT_HOLD_TIMEOUT: /* the SuperLink refuses requests signed more than ~300 s ago */
     return parse_seconds(v, 0, 300, &c->hold_timeout_s) ? fail(err, errlen, what, v, "expected seconds in [0, 300]")
                                                         : 0;
+  case OPT_ONEGATE:
+    if (!strcasecmp(v, "auto")) c->onegate = FS_ONEGATE_AUTO;
+    else if (!strcasecmp(v, "on") || !strcasecmp(v, "yes")) c->onegate = FS_ONEGATE_ON;
+    else if (!strcasecmp(v, "off") || !strcasecmp(v, "no")) c->onegate = FS_ONEGATE_OFF;
+    else return fail(err, errlen, what, v, "expected auto, on or off");
+    return 0;
+  case OPT_ONEGATE_ENDPOINT:
+    if (strncmp(v, "http://", 7) && strncmp(v, "https://", 8))
+      return fail(err, errlen, what, v, "expected an http:// or https:// URL");
+    if (strlen(v) > 200 || strpbrk(v, " \t\r\n")) return fail(err, errlen, what, v, "expected a URL");
+    c->onegate_endpoint = v;
+    return 0;
+  case OPT_ONEGATE_VMID: /* checked once OneGate is known to be used: VMID is a common name */
+    c->onegate_vmid = v, c->onegate_vmid_from = what;
+    return 0;
+  case OPT_ONEGATE_TOKEN_FILE:
+    c->onegate_token_file = v;
+    return *v ? 0 : fail(err, errlen, what, v, "empty");
+  case OPT_ONEGATE_ROLE:
+    if (!*v || strlen(v) > 128 || strpbrk(v, "\"\\\r\n")) return fail(err, errlen, what, v, "expected a role name");
+    c->onegate_role = v;
+    return 0;
+  case OPT_ADVERTISE:
+    return set_addr(c->advertise, sizeof(c->advertise), v, what, err, errlen);
+  case OPT_ONEGATE_READY_GRACE:
+    return parse_seconds(v, 0, 3600, &c->onegate_ready_grace_s)
+               ? fail(err, errlen, what, v, "expected seconds in [0, 3600]")
+               : 0;
+  case OPT_ONEGATE_TIMEOUT:
+    return parse_seconds(v, 0.1, 300, &c->onegate_timeout_s) ? fail(err, errlen, what, v, "expected seconds in [0.1, 300]")
+                                                             : 0;
   case OPT_RETRY_BUFFER:
     return parse_size(v, 0, 64u << 20, &c->retry_buffer) ? fail(err, errlen, what, v, "expected bytes in [0, 64M]") : 0;
   }
@@ -390,6 +449,9 @@ static const struct {
     {"FL_GRPC_KEEPALIVE_TIMEOUT", OPT_KA_TIMEOUT, 0},
     {"FL_EDGE_BACKOFF_INITIAL", OPT_BO_INITIAL, 0},
     {"FL_EDGE_BACKOFF_MAX", OPT_BO_MAX, 0},
+    {"ONEGATE_ENDPOINT", OPT_ONEGATE_ENDPOINT, 0},
+    {"VMID", OPT_ONEGATE_VMID, 0},
+    {"ONEGATE_TOKEN_FILE", OPT_ONEGATE_TOKEN_FILE, 0},
 };
 
 static void set_defaults(fs_config *c) {
@@ -419,6 +481,9 @@ static void set_defaults(fs_config *c) {
   c->upstream_conns_max = node ? 1 : 8;
   c->hold_timeout_s = node ? 20 : 0;
   c->retry_buffer = node ? 8u << 20 : 0;
+  c->onegate_role = "superlink";
+  c->onegate_ready_grace_s = 30;
+  c->onegate_timeout_s = 10;
 }
 
 /* The setting a flag gives: --tls and --no-tls give the same one. */
@@ -479,9 +544,18 @@ int fs_config_parse(fs_config *c, int argc, char **argv, char *err, size_t errle
   optind++; /* an index into argv + 1 */
   if (optind < argc) return fail(err, errlen, "argument", argv[optind], "unexpected; see --help");
 
-  if (c->role == FS_ROLE_NODE && !c->upstream[0])
+  if (c->onegate == FS_ONEGATE_ON && !c->onegate_endpoint)
+    return snprintf(err, errlen, "invalid --onegate: 'on' needs --onegate-endpoint (or ONEGATE_ENDPOINT)"), -1;
+  if (c->onegate == FS_ONEGATE_AUTO) c->onegate = c->onegate_endpoint ? FS_ONEGATE_ON : FS_ONEGATE_OFF;
+  if (c->onegate == FS_ONEGATE_ON && !c->onegate_vmid)
+    return snprintf(err, errlen, "missing --onegate-vmid (or VMID): OneGate needs this VM's ID"), -1;
+  if (c->onegate == FS_ONEGATE_ON && (!*c->onegate_vmid || strlen(c->onegate_vmid) > 18 ||
+                                      strspn(c->onegate_vmid, "0123456789") != strlen(c->onegate_vmid)))
+    return fail(err, errlen, c->onegate_vmid_from, c->onegate_vmid, "expected the VM's numeric ID");
+  if (c->role == FS_ROLE_NODE && !c->upstream[0] && c->onegate != FS_ONEGATE_ON)
     return snprintf(err, errlen,
-                    "missing --upstream (or FL_SUPERLINK_ADDRESS): the node role needs the SuperLink's HOST:PORT"),
+                    "missing --upstream (or FL_SUPERLINK_ADDRESS): the node role needs the SuperLink's HOST:PORT, "
+                    "or OneGate (ONEGATE_ENDPOINT and VMID) to discover it"),
            -1;
   if (c->tls_cert && !c->tls_key)
     return snprintf(err, errlen, "invalid %s: '%.200s' (a certificate needs a key too: --tls-key or FL_SSL_KEYFILE)",

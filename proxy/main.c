@@ -21,6 +21,7 @@
 #include "h2mem.h"
 #include "log.h"
 #include "observe.h"
+#include "onegate.h"
 #include "proxy.h"
 #include "sdnotify.h"
 #include "tls.h"
@@ -31,13 +32,15 @@ static uv_timer_t fed_tick;
 
 static void on_fed_tick(uv_timer_t *t) { fs_fed_tick(uv_now(t->loop)); }
 
+static void on_onegate_closed(void) { fs_h2conn_global_close(); }
+
 static void on_admin_closed(void) {
   uv_close((uv_handle_t *)&fed_tick, NULL);
   uv_close((uv_handle_t *)&sig_term, NULL);
   uv_close((uv_handle_t *)&sig_int, NULL);
   uv_close((uv_handle_t *)&sig_hup, NULL);
   fs_sdnotify_close();
-  fs_h2conn_global_close();
+  fs_onegate_stop(on_onegate_closed); /* a FL_READY=NO in flight may finish first */
 }
 
 /* The admin port answers NOT_SERVING until the very end of the drain. */
@@ -56,6 +59,7 @@ static void on_signal(uv_signal_t *h, int signum) {
     fs_ev_end(&ev);
   }
   fs_sdnotify_stopping();
+  fs_onegate_drain();
   fs_proxy_drain();
 }
 
@@ -73,7 +77,10 @@ static void on_hup(uv_signal_t *h, int signum) {
   }
 }
 
-static void on_health_change(const char *verdict, const char *reason) { fs_sdnotify_status(verdict, reason); }
+static void on_health_change(const char *verdict, const char *reason) {
+  fs_sdnotify_status(verdict, reason);
+  fs_onegate_update();
+}
 
 static int fatal(const char *what) {
   fs_event ev;
@@ -148,6 +155,7 @@ int main(int argc, char **argv) {
   if (fs_admin_start(loop, &cfg, err, sizeof(err)) < 0) return fatal(err);
   fs_proxy_on_state_change(fs_admin_update);
   fs_admin_on_change(on_health_change);
+  if (fs_onegate_start(loop, &cfg, fs_proxy_retarget, err, sizeof(err)) < 0) return fatal(err);
   {
     char why[600];
     const char *verdict = fs_admin_verdict(why, sizeof(why));

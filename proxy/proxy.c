@@ -8,6 +8,7 @@
  * defaults (config.c), never in the data path.
  */
 #include "proxy.h"
+#include "tls.h"
 
 #include <malloc.h>
 #include <string.h>
@@ -35,6 +36,17 @@ const fs_proxy_stats *fs_proxy_get_stats(void) { return &fs_env.stats; }
 int fs_proxy_upstream_up(void) { return fs_uppool_up(); }
 int fs_proxy_upstream_down_planned(void) { return fs_uppool_down_planned(); }
 int fs_proxy_draining(void) { return fs_env.draining; }
+unsigned fs_proxy_upstream_failures(void) { return fs_uppool_failures(); }
+
+int fs_proxy_retarget(const char *endpoint, const char *ca_b64, char *err, size_t errlen) {
+  SSL_CTX *tls = NULL;
+  if (fs_env.cfg->tls) {
+    fs_config c = *fs_env.cfg;
+    if (ca_b64[0]) c.tls_ca = ca_b64, c.tls_ca_from = "FL_CA_CERT (OneGate)";
+    if (!(tls = fs_tls_client_ctx(&c, err, errlen))) return -1;
+  }
+  return fs_uppool_retarget(endpoint, tls, err, errlen);
+}
 int fs_proxy_listening(void) { return fs_downstream_listening(); }
 const char *fs_proxy_upstream_error(void) { return fs_uppool_error(); }
 void fs_proxy_on_state_change(void (*cb)(void)) { G.on_state_change = cb; }

@@ -51,6 +51,11 @@ int fs_proxy_listening(void);
 const fs_proxy_stats *fs_proxy_get_stats(void);
 /* Why the upstream is not connected (last connect or connection error). */
 const char *fs_proxy_upstream_error(void);
+/* Failed upstream connection attempts in a row while down. */
+unsigned fs_proxy_upstream_failures(void);
+/* Node role: connect to |endpoint| from now on, trusting |ca_b64| (base64
+ * PEM; "" keeps the configured trust).  Returns 0 or -1 with a reason. */
+int fs_proxy_retarget(const char *endpoint, const char *ca_b64, char *err, size_t errlen);
 /* |cb| runs whenever listening, upstream_up or draining changes. */
 void fs_proxy_on_state_change(void (*cb)(void));
 

@@ -28,6 +28,7 @@ static struct {
   uint32_t nconns, nconnecting;
   uint8_t up, resolving, stopped;
   uint8_t down_planned; /* the last loss was announced (GOAWAY NO_ERROR) */
+  uint8_t targeted;     /* an upstream address is known (node: OneGate may give it later) */
   char host[256];
   int port;
   char name[300]; /* "host:port" or "[v6]:port", for events and messages */
@@ -360,7 +361,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
 }
 
 void fs_uppool_connect_now(void) {
-  if (fs_env.draining || U.resolving) return;
+  if (fs_env.draining || U.resolving || !U.targeted) return;
   if (U.addr_ok) {
     connect_to((const struct sockaddr *)&U.addr);
   } else {
@@ -387,7 +388,8 @@ static void schedule_reconnect(void) {
   uint64_t delay;
   fs_event ev;
   int rv;
-  if (fs_env.draining || U.nconns > 0 || U.resolving || uv_is_active((uv_handle_t *)&U.reconnect_timer)) return;
+  if (fs_env.draining || !U.targeted || U.nconns > 0 || U.resolving || uv_is_active((uv_handle_t *)&U.reconnect_timer))
+    return;
   delay = fs_backoff_next(&U.backoff);
   if (delay > 0 && fs_ev_begin(&ev, FS_LOG_INFO, "upstream.backoff")) {
     fs_ev_str(&ev, "upstream", U.name);
@@ -402,18 +404,51 @@ static void schedule_reconnect(void) {
 
 /* --- the pool's life --------------------------------------------------------------- */
 
+/* Points the pool at |hostport|.  Returns 0, or -1 (nothing changed) when
+ * it is not HOST:PORT ("" before OneGate discovery). */
+static int set_target(const char *hostport) {
+  char host[sizeof(U.host)];
+  int port;
+  if (!hostport[0] || fs_hostport_split(hostport, host, sizeof(host), &port) < 0) return -1;
+  memcpy(U.host, host, sizeof(host));
+  U.port = port;
+  snprintf(U.name, sizeof(U.name), strchr(U.host, ':') ? "[%s]:%d" : "%s:%d", U.host, U.port);
+  U.addr_ok = uv_ip4_addr(U.host, U.port, (struct sockaddr_in *)&U.addr) == 0 ||
+              uv_ip6_addr(U.host, U.port, (struct sockaddr_in6 *)&U.addr) == 0;
+  U.targeted = 1;
+  return 0;
+}
+
+int fs_uppool_retarget(const char *hostport, SSL_CTX *tls, char *err, size_t errlen) {
+  fs_list_node *n, *tmp;
+  if (set_target(hostport) < 0) {
+    SSL_CTX_free(tls);
+    snprintf(err, errlen, "invalid upstream '%.200s' (expected HOST:PORT)", hostport);
+    return -1;
+  }
+  SSL_CTX_free(U.o.tls);
+  U.o.tls = tls;
+  fs_backoff_reset(&U.backoff);
+  uv_timer_stop(&U.reconnect_timer);
+  snprintf(U.error, sizeof(U.error), "not connected yet");
+  fs_list_for_each_safe(n, tmp, &U.conns) {
+    fs_upconn *u = fs_list_entry(n, fs_upconn, node);
+    fs_h2conn_close(&u->pc.h2, "the upstream moved (OneGate)");
+  }
+  fs_uppool_connect_now();
+  return 0;
+}
+
+unsigned fs_uppool_failures(void) { return U.up ? 0 : (unsigned)U.backoff.attempt; }
+
 int fs_uppool_start(const fs_uppool_options *o, char *err, size_t errlen) {
   const fs_config *cfg = fs_env.cfg;
   int rv;
   memset(&U, 0, sizeof(U));
   U.o = *o;
   fs_list_init(&U.conns);
-  fs_hostport_split(cfg->upstream, U.host, sizeof(U.host), &U.port);
-  snprintf(U.name, sizeof(U.name), strchr(U.host, ':') ? "[%s]:%d" : "%s:%d", U.host, U.port);
-  if (uv_ip4_addr(U.host, U.port, (struct sockaddr_in *)&U.addr) == 0 ||
-      uv_ip6_addr(U.host, U.port, (struct sockaddr_in6 *)&U.addr) == 0)
-    U.addr_ok = 1;
-  snprintf(U.error, sizeof(U.error), "not connected yet");
+  if (set_target(cfg->upstream) == 0) snprintf(U.error, sizeof(U.error), "not connected yet");
+  else snprintf(U.error, sizeof(U.error), "discovering the SuperLink via OneGate");
   fs_backoff_init(&U.backoff, (uint64_t)(cfg->backoff_initial_s * 1000), (uint64_t)(cfg->backoff_max_s * 1000),
                   (uint64_t)uv_hrtime() ^ (uint64_t)getpid());
   U.ka_time_ms = (uint64_t)(cfg->keepalive_time_s * 1000);

@@ -46,6 +46,14 @@ void fs_uppool_route(fs_call *c);
 /* Nonzero while an upstream connection is established (SETTINGS arrived). */
 int fs_uppool_up(void);
 
+/* Points the pool at |hostport| with client TLS |tls| (NULL: h2c; the pool
+ * takes it, also on error): closes the connections to the old upstream and
+ * connects now, backoff reset.  Returns 0, or -1 with a reason. */
+int fs_uppool_retarget(const char *hostport, SSL_CTX *tls, char *err, size_t errlen);
+
+/* Failed connection attempts in a row while down (0 while up). */
+unsigned fs_uppool_failures(void);
+
 /* Nonzero while down after the upstream announced its going away
  * (GOAWAY NO_ERROR: a planned restart), for the level of health events. */
 int fs_uppool_down_planned(void);

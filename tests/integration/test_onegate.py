@@ -1,0 +1,232 @@
+"""OneGate publication and discovery, against the OneGate emulator
+(tests/emulator/onegate_emulator.py, which follows ../shared/onegate.md with
+its quirks) and the Fleet emulator, with real TLS between the sidecars.
+
+The SuperLink VM (id 41) runs the link sidecar; the SuperNode VM (id 42)
+runs the node sidecar given nothing but the OneGate environment (endpoint,
+VMID, token file): it must discover the SuperLink's endpoint and CA.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+import procs
+from conftest import HOST, ROOT, SIDECAR, wait_for
+
+PY = "/usr/bin/python3"
+OG = str(ROOT / "tests" / "emulator" / "onegate_emulator.py")
+FLEET = str(ROOT / "tests" / "emulator" / "fleet_emulator.py")
+FAST_NODE = ["--poll-interval", "0.1", "--max-retry-wait", "0.5"]
+TOKENS = {41: "dG9rZW4tb2YtdGhlLXN1cGVybGluaw==", 42: "dG9rZW4tb2YtdGhlLXN1cGVybm9kZQ=="}
+
+
+class OneGate:
+    def __init__(self, group, tmp: Path):
+        self.port, self.ctl = procs.free_port(HOST), procs.free_port(HOST)
+        self.proc = group.start("onegate", [PY, OG, "--listen", f"{HOST}:{self.port}",
+                                            "--control", f"{HOST}:{self.ctl}"])
+        procs.wait_port(HOST, self.ctl, timeout=10, proc=self.proc)
+        self.tmp = tmp
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    def control(self, path: str, doc: dict | None = None) -> dict:
+        data = json.dumps(doc).encode() if doc is not None else None
+        req = urllib.request.Request(f"http://{HOST}:{self.ctl}{path}", data=data,
+                                     method="POST" if data is not None else "GET")
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return json.loads(r.read())
+
+    def add_vm(self, vmid: int, role: str, **kw) -> dict:
+        self.control("/vm", {"id": vmid, "token": TOKENS[vmid], "role": role, **kw})
+        token = self.tmp / f"token-{vmid}.txt"
+        token.write_text(TOKENS[vmid] + "\n")
+        return {"ONEGATE_ENDPOINT": self.endpoint, "VMID": str(vmid), "ONEGATE_TOKEN_FILE": str(token)}
+
+    def template(self, vmid: int) -> dict:
+        return self.control("/state")["vms"].get(str(vmid), {})
+
+    def log(self) -> list[dict]:
+        return self.control("/state")["log"]
+
+
+class Events:
+    def __init__(self, path: str):
+        self.path = path
+
+    def all(self) -> list[dict]:
+        out = []
+        for ln in Path(self.path).read_text().splitlines():
+            if ln.startswith("{"):
+                out.append(json.loads(ln))
+        return out
+
+    def find(self, name: str, **match) -> list[dict]:
+        return [e for e in self.all() if e["event"] == name and all(e.get(k) == v for k, v in match.items())]
+
+
+@pytest.fixture
+def group(tmp_path):
+    g = procs.ProcGroup(tmp_path)
+    yield g
+    g.stop_all(timeout=15)
+
+
+def start_fleet_superlink(group, rounds=2, nodes=1):
+    port = procs.free_port(HOST)
+    proc = group.start("superlink", [PY, FLEET, "superlink", "--listen", f"{HOST}:{port}", "--nodes", str(nodes),
+                                     "--rounds", str(rounds), "--array-bytes", "4096", "--exit-when-done"])
+    procs.wait_port(HOST, port, timeout=10, proc=proc)
+    return proc, f"{HOST}:{port}"
+
+
+def start_link(group, tmp_path, name, upstream, env, *extra):
+    port, admin = procs.free_port(HOST), procs.free_port(HOST)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("FL_", "ONEGATE", "VMID"))}
+    e.update(env)
+    argv = [SIDECAR, "link", "--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{admin}", "--upstream", upstream,
+            "--tls-dir", str(tmp_path / f"{name}-tls"), "--advertise", f"{HOST}:{port}", "--backoff-initial", "0.2",
+            "--backoff-max", "1", *extra]
+    p = procs.start(argv, str(tmp_path / f"{name}.log"), env=e)
+    group.procs[name] = p
+    procs.wait_port(HOST, port, timeout=10, proc=p)
+    return p, port, Events(str(tmp_path / f"{name}.log"))
+
+
+def start_node(group, tmp_path, env, *extra, name="node"):
+    port, admin = procs.free_port(HOST), procs.free_port(HOST)
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("FL_", "ONEGATE", "VMID"))}
+    e.update(env)
+    argv = [SIDECAR, "node", "--listen", f"{HOST}:{port}", "--admin", f"{HOST}:{admin}", "--backoff-initial", "0.5",
+            "--backoff-max", "2", *extra]
+    p = procs.start(argv, str(tmp_path / f"{name}.log"), env=e)
+    group.procs[name] = p
+    procs.wait_port(HOST, port, timeout=10, proc=p)
+    return p, port, Events(str(tmp_path / f"{name}.log"))
+
+
+def start_supernode(group, tmp_path, node_port, rounds=2, name="supernode"):
+    summary = tmp_path / f"{name}.json"
+    p = group.start(name, [PY, FLEET, "supernode", "--upstream", f"{HOST}:{node_port}", "--insecure", *FAST_NODE,
+                           "--rounds", str(rounds), "--summary-file", str(summary)])
+    return p, summary
+
+
+def ts(ev: dict) -> float:
+    from datetime import datetime
+    return datetime.strptime(ev["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
+
+
+def b64_file(p: Path) -> str:
+    return base64.b64encode(p.read_bytes()).decode()
+
+
+def test_link_publishes_endpoint_ca_and_readiness(group, tmp_path):
+    og = OneGate(group, tmp_path)
+    env = og.add_vm(41, "superlink")
+    superlink, up = start_fleet_superlink(group, rounds=1000)
+    link, port, ev = start_link(group, tmp_path, "link", up, env, "--onegate-ready-grace", "1")
+    wait_for(lambda: og.template(41).get("FL_READY") == "YES", 15, "FL_READY = YES")
+    t = og.template(41)
+    assert t == {"FL_ROLE": "superlink", "FL_ENDPOINT": f"{HOST}:{port}", "FL_READY": "YES",
+                 "FL_CA_CERT": b64_file(tmp_path / "link-tls" / "ca.pem")}, t
+    # template text, one attribute a line (a form-encoded body would have
+    # stored a single attribute holding '&')
+    puts = [r for r in og.log() if r["method"] == "PUT"]
+    assert puts and all(r["status"] == 200 for r in puts), puts
+    assert all(all(ln.split(" = ", 1)[0].isupper() for ln in r["body"].splitlines()) for r in puts), puts
+    assert puts[0]["body"].endswith('FL_READY = "NO"\n'), "the first publication must clear a stale YES"
+    pub = ev.find("onegate.publish")[-1]
+    assert pub["ca_sha256"].count(":") == 31 and pub["endpoint"] == f"{HOST}:{port}"
+    # the SuperLink goes away longer than the grace: NO; back: YES
+    procs.stop(superlink)
+    wait_for(lambda: og.template(41).get("FL_READY") == "NO", 15, "FL_READY = NO after the grace")
+    superlink2 = group.start("superlink2", [PY, FLEET, "superlink", "--listen", up, "--nodes", "1", "--rounds", "1000"])
+    wait_for(lambda: og.template(41).get("FL_READY") == "YES", 20, "FL_READY = YES again")
+    # drain: NO before the process exits
+    assert procs.stop(link, timeout=20) == 0
+    assert og.template(41).get("FL_READY") == "NO", og.template(41)
+    out = Path(tmp_path / "link.log").read_text()
+    assert TOKENS[41] not in out and TOKENS[41][:12] not in out, "the token was logged"
+    procs.stop(superlink2)
+
+
+def test_node_discovers_the_superlink_and_the_federation_runs(group, tmp_path):
+    og = OneGate(group, tmp_path)
+    link_env = og.add_vm(41, "superlink")
+    node_env = og.add_vm(42, "supernode")
+    superlink, up = start_fleet_superlink(group, rounds=2)
+    link, lport, lev = start_link(group, tmp_path, "link", up, link_env)
+    node, nport, nev = start_node(group, tmp_path, node_env)  # no --upstream, no CA: OneGate only
+    sn, summary = start_supernode(group, tmp_path, nport, rounds=2)
+    assert procs.wait_exit(sn, 60) == 0, group.logs()
+    assert procs.wait_exit(superlink, 30) == 0, group.logs()
+    disc = nev.find("onegate.discover")
+    assert len(disc) == 1 and disc[0]["endpoint"] == f"{HOST}:{lport}", disc
+    pub = lev.find("onegate.publish")[-1]
+    assert disc[0]["ca_sha256"] == pub["ca_sha256"] and disc[0]["ca"] == "FL_CA_CERT"
+    wait_for(lambda: og.template(42).get("FL_NODE_READY") == "YES", 10, "FL_NODE_READY = YES")
+    serving = [e for e in lev.find("health.change", to="SERVING")][0]
+    first_call = min(ts(e) for e in nev.all() if e["event"].startswith(("node.", "run.", "message.")))
+    print(f"FIGURE first node call {first_call - ts(serving):.2f} s after the link's first SERVING")
+
+
+def test_node_waits_through_a_onegate_outage(group, tmp_path):
+    """OneGate refuses connections for the first 30 s: the node retries with
+    backoff, its health says it is discovering, the SuperNode's calls wait
+    (held, then UNAVAILABLE, retried by the SuperNode), and the run
+    completes once OneGate answers."""
+    og = OneGate(group, tmp_path)
+    link_env = og.add_vm(41, "superlink")
+    node_env = og.add_vm(42, "supernode")
+    og.control("/fault", {"mode": "refuse", "seconds": 30})
+    superlink, up = start_fleet_superlink(group, rounds=2)
+    link, lport, lev = start_link(group, tmp_path, "link", up, link_env)
+    node, nport, nev = start_node(group, tmp_path, node_env, "--hold-timeout", "5")
+    sn, summary = start_supernode(group, tmp_path, nport, rounds=2)
+    time.sleep(3)
+    admin_health = [e for e in nev.find("health.change")][-1]
+    assert "discovering the SuperLink via OneGate" in admin_health["reason"], admin_health
+    assert procs.wait_exit(sn, 90) == 0, group.logs()
+    errors = nev.find("onegate.error", request="discover")
+    assert len(errors) >= 3, errors
+    delays = [e["delay_ms"] for e in errors]
+    assert max(delays) <= 2000 * 1.2 + 1, delays  # --backoff-max 2
+    t_ok = ts(nev.find("onegate.discover")[0])
+    t_first = ts(errors[0])
+    assert t_ok - t_first >= 25, "discovered before OneGate came back"
+    # requests on OneGate during the outage stayed bounded by the backoff
+    assert len(errors) <= 30 / 0.5 + 2
+
+
+def test_node_rediscovers_a_replaced_superlink(group, tmp_path):
+    """The SuperLink VM is replaced mid-run: new address, new CA.  The node's
+    upstream fails; after 3 attempts it asks OneGate again and follows."""
+    og = OneGate(group, tmp_path)
+    link_env = og.add_vm(41, "superlink")
+    node_env = og.add_vm(42, "supernode")
+    superlink, up = start_fleet_superlink(group, rounds=1000)
+    link, lport, lev = start_link(group, tmp_path, "link", up, link_env)
+    node, nport, nev = start_node(group, tmp_path, node_env)
+    wait_for(lambda: nev.find("upstream.up"), 20, "node upstream up")
+    ca1 = nev.find("onegate.discover")[0]["ca_sha256"]
+    assert procs.stop(link, timeout=20) == 0
+    link2, lport2, lev2 = start_link(group, tmp_path, "link2", up, link_env)  # new port, new tls dir: new CA
+    wait_for(lambda: len(nev.find("onegate.discover")) >= 2, 40, "a second discovery")
+    d2 = nev.find("onegate.discover")[-1]
+    assert d2["endpoint"] == f"{HOST}:{lport2}" and d2["ca_sha256"] != ca1, d2
+    wait_for(lambda: nev.find("upstream.up", upstream=f"{HOST}:{lport2}"), 20, "up on the new SuperLink")
+    sn, summary = start_supernode(group, tmp_path, nport, rounds=1)
+    wait_for(lambda: Path(summary).exists() or sn.poll() is not None, 60, "a SuperNode round on the new SuperLink")
+    assert procs.wait_exit(sn, 30) == 0, group.logs()
