@@ -20,6 +20,7 @@
 #include "log.h"
 #include "net.h"
 #include "metrics.h"
+#include "onegate.h"
 #include "fedstate.h"
 #include "grpc.h"
 #include "proxy.h"
@@ -457,9 +458,20 @@ static void http_request(aconn *c) {
                              0,
                              0,
                              0,
+                             0,
+                             0,
+                             0,
+                             0,
+                             0,
                              0};
     smp.n_runs = fs_fed_runs(runs);
     smp.conns_refused = ps->conns_refused;
+    if (A.cfg->onegate == FS_ONEGATE_ON) {
+      const fs_onegate_stats *og = fs_onegate_get_stats();
+      smp.onegate = 1;
+      smp.onegate_publish_ok = og->publish_ok, smp.onegate_publish_failed = og->publish_failed;
+      smp.onegate_discover_ok = og->discover_ok, smp.onegate_discover_failed = og->discover_failed;
+    }
     smp.calls_held = ps->calls_held;
     smp.calls_failed_down = ps->calls_failed_down;
     smp.retries = ps->retries;

@@ -418,8 +418,9 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
                ? fail(err, errlen, what, v, "expected seconds in [0, 3600]")
                : 0;
   case OPT_ONEGATE_TIMEOUT:
-    return parse_seconds(v, 0.1, 300, &c->onegate_timeout_s) ? fail(err, errlen, what, v, "expected seconds in [0.1, 300]")
-                                                             : 0;
+    return parse_seconds(v, 0.1, 300, &c->onegate_timeout_s)
+               ? fail(err, errlen, what, v, "expected seconds in [0.1, 300]")
+               : 0;
   case OPT_RETRY_BUFFER:
     return parse_size(v, 0, 64u << 20, &c->retry_buffer) ? fail(err, errlen, what, v, "expected bytes in [0, 64M]") : 0;
   }

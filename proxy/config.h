@@ -59,15 +59,15 @@ typedef struct fs_config {
   double hold_timeout_s;    /* wait-for-ready while the upstream is down; 0: fail at once */
   uint32_t retry_buffer;    /* request bytes kept per call to repeat it safely; 0: no retries */
   /* OneGate (onegate.h): on when an endpoint is known, unless --onegate off */
-  int onegate;                 /* FS_ONEGATE_AUTO, _ON, _OFF as given; resolved by fs_config_parse */
+  int onegate;                  /* FS_ONEGATE_AUTO, _ON, _OFF as given; resolved by fs_config_parse */
   const char *onegate_endpoint; /* "http://host:5030" (no trailing slash needed) */
   const char *onegate_vmid;
   const char *onegate_vmid_from;
   const char *onegate_token_file;
-  const char *onegate_role;    /* the OneFlow role of the SuperLink (node: discovery) */
-  char advertise[256];         /* link: FL_ENDPOINT to publish; "" = first non-loopback address */
+  const char *onegate_role;     /* the OneFlow role of the SuperLink (node: discovery) */
+  char advertise[256];          /* link: FL_ENDPOINT to publish; "" = first non-loopback address */
   double onegate_ready_grace_s; /* link: NOT_SERVING this long before FL_READY=NO */
-  double onegate_timeout_s;    /* per request */
+  double onegate_timeout_s;     /* per request */
 } fs_config;
 
 enum { FS_ONEGATE_AUTO = 0, FS_ONEGATE_ON, FS_ONEGATE_OFF };

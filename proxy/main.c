@@ -131,7 +131,9 @@ int main(int argc, char **argv) {
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.start")) {
     fs_ev_str(&ev, "version", fs_version);
     fs_ev_str(&ev, "listen", cfg.listen);
-    fs_ev_str(&ev, "upstream", cfg.upstream);
+    fs_ev_str(&ev, "upstream", cfg.upstream[0] ? cfg.upstream : "(OneGate discovery)");
+    fs_ev_str(&ev, "admin", cfg.admin);
+    fs_ev_str(&ev, "onegate", cfg.onegate == FS_ONEGATE_ON ? cfg.onegate_endpoint : "off");
     fs_ev_str(&ev, "tls", cfg.tls ? (cfg.role == FS_ROLE_LINK ? "listener" : "upstream") : "off");
     fs_ev_u64(&ev, "pid", (uint64_t)getpid());
     fs_ev_end(&ev);

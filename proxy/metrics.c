@@ -70,6 +70,19 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   put(&o, "flower_sidecar_connections_total %" PRIu64 "\n", s->conns_total);
   head(&o, "connections_refused_total", "counter", "Client connections closed at once: --max-connections reached.");
   put(&o, "flower_sidecar_connections_refused_total %" PRIu64 "\n", s->conns_refused);
+  if (s->onegate) {
+    head(&o, "onegate_requests_total", "counter",
+         "OneGate requests by kind (publish: PUT /vm, discover: GET /service) and result (a discovery that finds no "
+         "ready SuperLink yet is a failure).");
+    put(&o, "flower_sidecar_onegate_requests_total{request=\"publish\",result=\"ok\"} %" PRIu64 "\n",
+        s->onegate_publish_ok);
+    put(&o, "flower_sidecar_onegate_requests_total{request=\"publish\",result=\"failed\"} %" PRIu64 "\n",
+        s->onegate_publish_failed);
+    put(&o, "flower_sidecar_onegate_requests_total{request=\"discover\",result=\"ok\"} %" PRIu64 "\n",
+        s->onegate_discover_ok);
+    put(&o, "flower_sidecar_onegate_requests_total{request=\"discover\",result=\"failed\"} %" PRIu64 "\n",
+        s->onegate_discover_failed);
+  }
   head(&o, "calls_total", "counter", "Calls finished, by method and gRPC status.");
   for (m = 0; m < FS_FLEET_METHODS; m++)
     for (st = 0; st < FS_GRPC_NSTATUS; st++)

@@ -37,7 +37,9 @@ static const char *str_of(json_t *obj, const char *key) {
   return json_is_string(v) ? json_string_value(v) : NULL;
 }
 
-static int valid_b64(const char *s) { return strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=") == strlen(s); }
+static int valid_b64(const char *s) {
+  return strspn(s, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=") == strlen(s);
+}
 
 int fs_og_find_superlink(const char *json, size_t len, const char *role, fs_og_superlink *out, char *err,
                          size_t errlen) {
@@ -95,8 +97,9 @@ int fs_og_find_superlink(const char *json, size_t len, const char *role, fs_og_s
     goto out;
   }
   if (!n_nodes) snprintf(err, errlen, "role '%s' has no VM yet", role);
-  else snprintf(err, errlen, "none of the %zu VMs of role '%s' has published FL_READY = YES and an FL_ENDPOINT", n_nodes,
-                role);
+  else
+    snprintf(err, errlen, "none of the %zu VMs of role '%s' has published FL_READY = YES and an FL_ENDPOINT", n_nodes,
+             role);
 out:
   json_decref(doc);
   return rc;

@@ -26,8 +26,8 @@ int fs_og_template_add(char *buf, size_t cap, size_t *len, const char *key, cons
 
 typedef struct fs_og_superlink {
   char vm_id[24];
-  char endpoint[256];          /* FL_ENDPOINT, HOST:PORT */
-  char ca_b64[FS_OG_CA_MAX];   /* FL_CA_CERT, "" when the VM publishes none */
+  char endpoint[256];        /* FL_ENDPOINT, HOST:PORT */
+  char ca_b64[FS_OG_CA_MAX]; /* FL_CA_CERT, "" when the VM publishes none */
 } fs_og_superlink;
 
 /* Finds, in a GET /service answer (|json|, |len| bytes), the first VM of the

@@ -19,10 +19,10 @@
 #include "proxy.h"
 #include "tls.h"
 
-#define RESP_MAX (1u << 20)  /* a GET /service answer; larger is refused */
-#define BODY_MAX (FS_OG_CA_MAX + 2048)
-#define WATCH_MS 1000        /* node: how often the discovered upstream is checked */
-#define REDISCOVER_AFTER 3   /* failed attempts in a row before asking OneGate again */
+#define RESP_MAX         (1u << 20) /* a GET /service answer; larger is refused */
+#define BODY_MAX         (FS_OG_CA_MAX + 2048)
+#define WATCH_MS         1000 /* node: how often the discovered upstream is checked */
+#define REDISCOVER_AFTER 3    /* failed attempts in a row before asking OneGate again */
 
 typedef struct ogreq {
   CURL *easy;
@@ -419,8 +419,8 @@ static void pub_done(ogreq *r, long status, const char *why) {
     char msg[400];
     uint64_t delay = fs_backoff_next(&G.pub_bo);
     G.stats.publish_failed++;
-    if (status) snprintf(msg, sizeof(msg), "PUT /vm answered %ld%s%.200s", status, r->resp ? ": " : "",
-                         r->resp ? r->resp : "");
+    if (status)
+      snprintf(msg, sizeof(msg), "PUT /vm answered %ld%s%.200s", status, r->resp ? ": " : "", r->resp ? r->resp : "");
     else snprintf(msg, sizeof(msg), "PUT /vm: %s", why);
     log_error("publish", status, msg, G.pub_bo.attempt, delay, FS_LOG_WARN);
     if (!G.stopping && uv_timer_start(&G.pub_timer, on_pub_timer, delay, 0) < 0) return;
@@ -464,8 +464,9 @@ static void disc_done(ogreq *r, long status, const char *why) {
   char err[400];
   int rc;
   if (status != 200) {
-    if (status) snprintf(err, sizeof(err), "GET /service answered %ld%s%.200s", status, r->resp ? ": " : "",
-                         r->resp ? r->resp : "");
+    if (status)
+      snprintf(err, sizeof(err), "GET /service answered %ld%s%.200s", status, r->resp ? ": " : "",
+               r->resp ? r->resp : "");
     else snprintf(err, sizeof(err), "GET /service: %s", why);
     disc_retry(err, status, FS_LOG_WARN);
     return;
@@ -525,8 +526,7 @@ static void on_watch(uv_timer_t *t) {
 
 /* --- life ---------------------------------------------------------------------------- */
 
-int fs_onegate_start(uv_loop_t *loop, const fs_config *cfg, fs_onegate_retarget_fn retarget, char *err,
-                     size_t errlen) {
+int fs_onegate_start(uv_loop_t *loop, const fs_config *cfg, fs_onegate_retarget_fn retarget, char *err, size_t errlen) {
   int rv;
   uint64_t seed = uv_hrtime() ^ (uint64_t)getpid();
   memset(&G, 0, sizeof(G));

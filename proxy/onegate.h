@@ -31,8 +31,7 @@ typedef int (*fs_onegate_retarget_fn)(const char *endpoint, const char *ca_b64, 
 
 /* Starts the client when cfg->onegate is FS_ONEGATE_ON (else returns 0 and
  * does nothing).  Returns 0, or -1 with a reason (curl cannot start). */
-int fs_onegate_start(uv_loop_t *loop, const fs_config *cfg, fs_onegate_retarget_fn retarget, char *err,
-                     size_t errlen);
+int fs_onegate_start(uv_loop_t *loop, const fs_config *cfg, fs_onegate_retarget_fn retarget, char *err, size_t errlen);
 
 /* The health verdict or upstream state changed: re-evaluates what to
  * publish (and, node, whether to discover again). */

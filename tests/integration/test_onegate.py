@@ -123,6 +123,11 @@ def start_supernode(group, tmp_path, node_port, rounds=2, name="supernode"):
     return p, summary
 
 
+def node_admin(tmp_path) -> int:
+    start = [e for e in Events(str(tmp_path / "node.log")).all() if e["event"] == "sidecar.start"][0]
+    return int(start["admin"].rsplit(":", 1)[1])
+
+
 def ts(ev: dict) -> float:
     from datetime import datetime
     return datetime.strptime(ev["ts"], "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
@@ -177,6 +182,9 @@ def test_node_discovers_the_superlink_and_the_federation_runs(group, tmp_path):
     pub = lev.find("onegate.publish")[-1]
     assert disc[0]["ca_sha256"] == pub["ca_sha256"] and disc[0]["ca"] == "FL_CA_CERT"
     wait_for(lambda: og.template(42).get("FL_NODE_READY") == "YES", 10, "FL_NODE_READY = YES")
+    metrics = urllib.request.urlopen(f"http://{HOST}:{node_admin(tmp_path)}/metrics", timeout=5).read().decode()
+    assert 'flower_sidecar_onegate_requests_total{request="discover",result="ok"} 1' in metrics, metrics
+    assert 'flower_sidecar_onegate_requests_total{request="publish",result="ok"} 1' in metrics, metrics
     serving = [e for e in lev.find("health.change", to="SERVING")][0]
     first_call = min(ts(e) for e in nev.all() if e["event"].startswith(("node.", "run.", "message.")))
     print(f"FIGURE first node call {first_call - ts(serving):.2f} s after the link's first SERVING")
