@@ -431,14 +431,15 @@ static void pub_done(ogreq *r, long status, const char *why) {
 
 static void publish_check(void) {
   char names[128], why[300];
-  if (!G.started || G.stopping || G.pub.busy || uv_is_active((uv_handle_t *)&G.pub_timer)) return;
+  /* While stopping, only the drain's last word (FL_READY=NO) may still go out, once. */
+  if (!G.started || (G.stopping && !G.draining) || G.pub.busy || uv_is_active((uv_handle_t *)&G.pub_timer)) return;
   if (!desired(G.pub.body, sizeof(G.pub.body), names, sizeof(names))) return;
   if (!strcmp(G.pub.body, G.published)) return;
   if (start_request(&G.pub, "PUT", "/vm", why, sizeof(why)) < 0) {
     uint64_t delay = fs_backoff_next(&G.pub_bo);
     G.stats.publish_failed++;
     log_error("publish", 0, why, G.pub_bo.attempt, delay, FS_LOG_WARN);
-    (void)uv_timer_start(&G.pub_timer, on_pub_timer, delay, 0);
+    if (!G.stopping) (void)uv_timer_start(&G.pub_timer, on_pub_timer, delay, 0);
   }
 }
 

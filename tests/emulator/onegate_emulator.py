@@ -25,7 +25,9 @@ Control port (JSON, for tests; no authentication):
   POST /vm        {"id": 41, "token": "...", "role": "superlink", "ip": "10.0.0.5",
                    "booting": false, "in_service": true}
   POST /template  {"id": 41, "set": {"FL_READY": "NO"}, "delete": ["X"]}
-  POST /fault     {"mode": "none" | "500" | "stall" | "refuse", "seconds": 20}
+  POST /fault     {"mode": "none" | "500" | "stall" | "refuse", "seconds": 20,
+                   "then": {"mode": ..., "seconds": ...}}  (then: the next fault, once
+                   this one has run its time; 500 and stall only)
                   500: every API request answers 500 for |seconds|;
                   stall: every API request waits |seconds| before its answer;
                   refuse: the API port stops listening for |seconds|.
@@ -96,6 +98,11 @@ class Api(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         req_body = self.rfile.read(length).decode("utf-8", "replace") if length else ""
         with LOCK:
+            f = STATE["fault"]
+            if f.get("then") and time.time() >= f["until"]:  # the next fault of a sequence
+                nxt = f["then"]
+                STATE["fault"] = {"mode": nxt["mode"], "until": f["until"] + float(nxt["seconds"]),
+                                  "then": nxt.get("then")}
             fault = dict(STATE["fault"])
         if fault["mode"] != "none" and time.time() < fault["until"]:
             if fault["mode"] == "500":
@@ -209,7 +216,7 @@ class Control(BaseHTTPRequestHandler):
                 self.api.refuse_for(secs)
             else:
                 with LOCK:
-                    STATE["fault"] = {"mode": mode, "until": time.time() + secs}
+                    STATE["fault"] = {"mode": mode, "until": time.time() + secs, "then": req.get("then")}
         elif self.path == "/empty_role":
             with LOCK:
                 STATE.setdefault("empty_roles", []).append(req["name"])

@@ -238,3 +238,38 @@ def test_node_rediscovers_a_replaced_superlink(group, tmp_path):
     sn, summary = start_supernode(group, tmp_path, nport, rounds=1)
     wait_for(lambda: Path(summary).exists() or sn.poll() is not None, 60, "a SuperNode round on the new SuperLink")
     assert procs.wait_exit(sn, 30) == 0, group.logs()
+
+
+def test_a_failing_onegate_never_touches_health_or_calls(group, tmp_path):
+    """OneGate answers 500 for 3 s, then stalls every request for 6 s
+    (--onegate-timeout 1): the link keeps serving calls and SERVING health
+    throughout, retries with backoff (onegate.error with attempt and delay),
+    and publishes FL_READY = YES once OneGate answers again."""
+    import grpc
+    og = OneGate(group, tmp_path)
+    env = og.add_vm(41, "superlink")
+    og.control("/fault", {"mode": "500", "seconds": 3, "then": {"mode": "stall", "seconds": 6}})
+    superlink, up = start_fleet_superlink(group, rounds=1000)
+    link, port, ev = start_link(group, tmp_path, "link", up, env, "--onegate-timeout", "1")
+    wait_for(lambda: ev.find("health.change", to="SERVING"), 10, "link SERVING")
+    ca = (tmp_path / "link-tls" / "ca.pem").read_bytes()
+    health = f"{HOST}:{int([e for e in ev.all() if e['event'] == 'sidecar.start'][0]['admin'].rsplit(':', 1)[1])}"
+    with grpc.secure_channel(f"localhost:{port}", grpc.ssl_channel_credentials(root_certificates=ca)) as ch:
+        stub = ch.unary_unary("/flwr.proto.Fleet/GetRun")
+        t_end = time.monotonic() + 9
+        calls = 0
+        while time.monotonic() < t_end:
+            try:
+                stub(b"", timeout=2)
+            except grpc.RpcError as e:  # the emulated SuperLink refuses an empty GetRun: a real answer
+                assert e.code() != grpc.StatusCode.UNAVAILABLE, e
+            calls += 1
+            r = urllib.request.urlopen(f"http://{health}/healthz", timeout=2)
+            assert r.status == 200
+            time.sleep(0.1)
+    assert calls > 20
+    errors = ev.find("onegate.error", request="publish")
+    assert any(e.get("status") == 500 for e in errors), errors
+    assert any("Timeout" in e["reason"] or "timed out" in e["reason"] for e in errors), errors
+    assert all(e["delay_ms"] <= 1000 * 1.2 + 1 for e in errors), errors  # --backoff-max 1
+    wait_for(lambda: og.template(41).get("FL_READY") == "YES", 20, "FL_READY = YES after the faults")
