@@ -250,7 +250,10 @@ static int start_request(ogreq *r, const char *method, const char *path, char *w
   SET(CURLOPT_NOSIGNAL, 1L);
   SET(CURLOPT_TIMEOUT_MS, tmo);
   SET(CURLOPT_CONNECTTIMEOUT_MS, tmo);
-  SET(CURLOPT_PROTOCOLS_STR, "http,https");
+  /* Defence in depth (the endpoint's scheme is checked at start, redirects are
+   * off): libcurl before 7.85 lacks the option, which is then not an error. */
+  if (rc == CURLE_OK && (rc = curl_easy_setopt(r->easy, CURLOPT_PROTOCOLS_STR, "http,https")) == CURLE_UNKNOWN_OPTION)
+    rc = CURLE_OK;
   SET(CURLOPT_FOLLOWLOCATION, 0L);
   if (!strcmp(method, "PUT")) {
     SET(CURLOPT_CUSTOMREQUEST, "PUT");
