@@ -18,9 +18,10 @@
 #include "uppool.h"
 
 typedef struct downconn {
-  fs_pconn pc;       /* first: a downconn* is an fs_pconn* and an fs_h2conn* */
-  uint8_t opened;    /* HTTP/2 runs: counted in connections, conn.close logged */
-  uint8_t preface;   /* the client's preface and SETTINGS arrived */
+  fs_pconn pc;     /* first: a downconn* is an fs_pconn* and an fs_h2conn* */
+  uint8_t opened;  /* HTTP/2 runs: counted in connections, conn.close logged */
+  uint8_t preface; /* the client's preface and SETTINGS arrived */
+  fs_flood_count flood;
   fs_list_node node; /* in D.conns */
 } downconn;
 
@@ -129,8 +130,38 @@ static void on_request_headers(fs_call *c, const nghttp2_frame *frame) {
   fs_uppool_route(c);
 }
 
+/* Frames that carry nothing: counted against policy.h's flood limits.
+ * Returns 0, or NGHTTP2_ERR_CALLBACK_FAILURE after ending the session. */
+static int flood_check(nghttp2_session *s, const nghttp2_frame *frame, downconn *d) {
+  fs_flood_count *f = &d->flood;
+  const char *what;
+  switch (frame->hd.type) {
+  case NGHTTP2_DATA:
+    if (frame->hd.length == 0 && !(frame->hd.flags & NGHTTP2_FLAG_END_STREAM)) f->empty_in_a_row++;
+    else f->empty_in_a_row = 0;
+    break;
+  case NGHTTP2_HEADERS:
+    f->empty_in_a_row = 0;
+    if (frame->headers.cat == NGHTTP2_HCAT_REQUEST) f->streams++;
+    break;
+  case NGHTTP2_PRIORITY:
+    f->priority++;
+    break;
+  case NGHTTP2_WINDOW_UPDATE:
+    f->window_updates++;
+    break;
+  default:
+    return 0;
+  }
+  if (!(what = fs_policy_flood(f))) return 0;
+  snprintf(d->pc.h2.close_reason, sizeof(d->pc.h2.close_reason), "flood: too many %s", what);
+  (void)nghttp2_session_terminate_session(s, NGHTTP2_ENHANCE_YOUR_CALM);
+  return NGHTTP2_ERR_CALLBACK_FAILURE;
+}
+
 static int on_frame_recv(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
   fs_call *c;
+  if (flood_check(s, frame, downconn_of(ud)) != 0) return NGHTTP2_ERR_CALLBACK_FAILURE;
   switch (frame->hd.type) {
   case NGHTTP2_SETTINGS:
     if (!(frame->hd.flags & NGHTTP2_FLAG_ACK) && !downconn_of(ud)->preface) {
@@ -194,6 +225,8 @@ static int on_stream_close(nghttp2_session *s, int32_t sid, uint32_t code, void 
 
 static int on_frame_send(nghttp2_session *s, const nghttp2_frame *frame, void *ud) {
   int rv;
+  if (frame->hd.type == NGHTTP2_DATA && downconn_of(ud)->flood.data_sent < UINT32_MAX)
+    downconn_of(ud)->flood.data_sent++;
   if (frame->hd.type == NGHTTP2_GOAWAY) {
     fs_pconn_note_sent_goaway(ud, frame);
     return 0;

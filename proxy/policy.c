@@ -79,3 +79,13 @@ fs_idle_action fs_policy_idle(int ready, int closing, uint32_t streams, int ever
   *ms = idle_ms;
   return FS_IDLE_ARM;
 }
+
+const char *fs_policy_flood(const fs_flood_count *f) {
+  if (f->empty_in_a_row > FS_FLOOD_EMPTY_IN_A_ROW) return "empty DATA frames";
+  if ((uint64_t)f->priority > (uint64_t)FS_FLOOD_PRIORITY_PER_STREAM * ((uint64_t)f->streams + 1))
+    return "PRIORITY frames";
+  if ((uint64_t)f->window_updates >
+      FS_FLOOD_WINDOW_UPDATES_BASE + (uint64_t)FS_FLOOD_WINDOW_UPDATES_PER_DATA * f->data_sent)
+    return "WINDOW_UPDATE frames";
+  return NULL;
+}

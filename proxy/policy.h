@@ -114,6 +114,30 @@ int fs_policy_pick_upstream(const fs_upconn_view *v, size_t n, size_t max_conns,
  * limit only ends its own call (RESOURCE_EXHAUSTED). */
 int fs_policy_header_abuse(uint64_t decoded_bytes, uint32_t limit);
 
+/* --- frame floods (client connections) ------------------------------------------ */
+
+/* What a client connection has sent and been sent, for the flood limits
+ * (Envoy's model): frames that cost the sidecar work but carry nothing. */
+typedef struct fs_flood_count {
+  uint32_t empty_in_a_row; /* DATA frames without payload or END_STREAM, in a row */
+  uint32_t priority;       /* PRIORITY frames received */
+  uint32_t window_updates; /* WINDOW_UPDATE frames received */
+  uint32_t streams;        /* requests the client opened */
+  uint32_t data_sent;      /* DATA frames sent to the client */
+} fs_flood_count;
+
+#define FS_FLOOD_EMPTY_IN_A_ROW          10 /* empty DATA frames in a row */
+#define FS_FLOOD_PRIORITY_PER_STREAM     100
+#define FS_FLOOD_WINDOW_UPDATES_BASE     100
+#define FS_FLOOD_WINDOW_UPDATES_PER_DATA 10
+
+/* NULL while |f| is within the limits; else what was flooded (static
+ * text): the connection is then closed with GOAWAY ENHANCE_YOUR_CALM.
+ * PRIORITY frames: at most 100 per stream opened (+100); WINDOW_UPDATE:
+ * at most 100 + 10 per DATA frame sent (a client that reads sends one or
+ * two per DATA frame); empty DATA frames: at most 10 in a row. */
+const char *fs_policy_flood(const fs_flood_count *f);
+
 /* --- keepalive ------------------------------------------------------------------ */
 
 /* The keepalive time for the next connections after the upstream said

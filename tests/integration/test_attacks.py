@@ -376,3 +376,49 @@ def test_watch_streams_are_capped(link):
         w.cancel()
     for c in chans:
         c.close()
+
+
+FLOODS = {
+    # 20,000 PRIORITY frames on stream 1 (no stream opened)
+    "priority": lambda: h2raw.frame(h2raw.PRIORITY, 0, 1, struct.pack(">IB", 0, 15)) * 20000,
+    # 20,000 connection WINDOW_UPDATEs of 1 byte, nothing received to justify them
+    "window_update": lambda: h2raw.frame(h2raw.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 20000,
+    # a request, then 20,000 empty DATA frames without END_STREAM
+    "empty_data": lambda: h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS, 1, h2raw.hpack([
+        (":method", "POST"), (":scheme", "https"), (":path", "/test.Echo/Sleep"), (":authority", "localhost"),
+        ("content-type", "application/grpc"), ("te", "trailers")])) + h2raw.frame(h2raw.DATA, 0, 1) * 20000,
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FLOODS))
+def test_frame_floods_close_the_connection(link, kind):
+    """Frames that carry nothing cost work: PRIORITY beyond 100 per stream,
+    WINDOW_UPDATE beyond 100 + 10 per DATA frame sent, more than 10 empty
+    DATA frames in a row.  The flooding connection is closed with GOAWAY
+    ENHANCE_YOUR_CALM, conn.close says why, other clients are unharmed."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=link.ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    s = tls_h2(link, ctx)
+    with LegitCaller(link.channel()) as legit:
+        time.sleep(0.2)
+        try:
+            s.sendall(FLOODS[kind]())
+        except OSError:
+            pass  # closed mid-send: what we want
+        closed, got = h2raw.read_until_closed(s, 10 * SLOW)
+        time.sleep(0.3)
+    s.close()
+    goaways = [struct.unpack(">I", f[3][4:8])[0] for f in h2raw.frames_in(got) if f[0] == h2raw.GOAWAY]
+    assert closed and 0xB in goaways, (closed, goaways)
+    assert not legit.failures and legit.latencies, legit.failures[:3]
+    wait_for(lambda: [e for e in link.events.all() if e["event"] == "conn.close" and "flood" in e["reason"]],
+             5 * SLOW, "conn.close saying flood")
+
+
+def test_a_reading_client_is_not_a_flood(link):
+    """A 32 MiB download in 16 KiB DATA frames: grpcio's WINDOW_UPDATEs for it
+    stay within the limit."""
+    big = b"y" * (32 << 20)
+    assert unary(link.channel(), "Unary", big, timeout=60) == big
+    assert not [e for e in link.events.all() if e["event"] == "conn.close" and "flood" in e.get("reason", "")]

@@ -180,6 +180,32 @@ static void idle_timer(void **state) {
   assert_int_equal(ms, 5000);
 }
 
+static void flood_limits_follow_useful_work(void **state) {
+  fs_flood_count f = {0};
+  (void)state;
+  assert_null(fs_policy_flood(&f));
+  f.empty_in_a_row = FS_FLOOD_EMPTY_IN_A_ROW;
+  assert_null(fs_policy_flood(&f));
+  f.empty_in_a_row++;
+  assert_string_equal(fs_policy_flood(&f), "empty DATA frames");
+  f.empty_in_a_row = 0;
+  f.priority = 100; /* before any stream: 100 allowed */
+  assert_null(fs_policy_flood(&f));
+  f.priority = 101;
+  assert_string_equal(fs_policy_flood(&f), "PRIORITY frames");
+  f.streams = 1; /* each stream opened allows 100 more */
+  assert_null(fs_policy_flood(&f));
+  f.priority = 0;
+  f.window_updates = 100;
+  assert_null(fs_policy_flood(&f));
+  f.window_updates = 101;
+  assert_string_equal(fs_policy_flood(&f), "WINDOW_UPDATE frames");
+  f.data_sent = 1; /* a reading client sends one or two per DATA frame */
+  assert_null(fs_policy_flood(&f));
+  f.data_sent = UINT32_MAX, f.window_updates = UINT32_MAX, f.streams = UINT32_MAX, f.priority = UINT32_MAX;
+  assert_null(fs_policy_flood(&f)); /* no overflow in the products */
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(hold_ends_before_the_call_deadline),
@@ -191,6 +217,7 @@ int main(void) {
       cmocka_unit_test(header_abuse_is_four_times_the_limit),
       cmocka_unit_test(keepalive_doubles_up_to_a_day),
       cmocka_unit_test(idle_timer),
+      cmocka_unit_test(flood_limits_follow_useful_work),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
