@@ -107,7 +107,10 @@ void fs_admin_on_change(void (*cb)(const char *verdict, const char *reason)) { o
 /* The verdict's reason with the upstream's detail when that is the cause. */
 static void full_reason(fs_health_status st, const char *reason, char *why, size_t whylen) {
   int upstream_reason = st != FS_HEALTH_SERVING && fs_proxy_listening() && !fs_proxy_draining();
-  snprintf(why, whylen, "%s%s%s", reason, upstream_reason ? ": " : "", upstream_reason ? upstream_detail() : "");
+  char phase[96] = "";
+  if (upstream_reason && !fs_proxy_upstream_up()) fs_proxy_upstream_phase(phase, sizeof(phase));
+  snprintf(why, whylen, "%s%s%s%s%s", reason, upstream_reason ? ": " : "", upstream_reason ? upstream_detail() : "",
+           phase[0] ? "; " : "", phase);
 }
 
 const char *fs_admin_verdict(char *why, size_t whylen) {
@@ -437,7 +440,12 @@ static void http_request(aconn *c) {
       http_reply(c, 200, "OK", "text/plain", "SERVING\n", head_only);
     } else {
       if (fs_proxy_draining()) snprintf(body, sizeof(body), "NOT_SERVING: %s\n", reason);
-      else snprintf(body, sizeof(body), "NOT_SERVING: %s (%s)\n", reason, upstream_detail());
+      else {
+        char phase[96] = "";
+        if (!fs_proxy_upstream_up()) fs_proxy_upstream_phase(phase, sizeof(phase));
+        snprintf(body, sizeof(body), "NOT_SERVING: %s (%s%s%s)\n", reason, upstream_detail(), phase[0] ? "; " : "",
+                 phase);
+      }
       http_reply(c, 503, "Service Unavailable", "text/plain", body, head_only);
     }
   } else if (!strcmp(target, "/metrics") && A.cfg->metrics) {
@@ -463,9 +471,13 @@ static void http_request(aconn *c) {
                              0,
                              0,
                              0,
+                             0,
+                             0,
+                             0,
                              0};
     smp.n_runs = fs_fed_runs(runs);
     smp.conns_refused = ps->conns_refused;
+    smp.probes = ps->probes, smp.outages = ps->outages, smp.outage_s = (double)ps->outage_ms / 1000.0;
     if (A.cfg->onegate == FS_ONEGATE_ON) {
       const fs_onegate_stats *og = fs_onegate_get_stats();
       smp.onegate = 1;

@@ -40,6 +40,8 @@ enum {
   OPT_BO_INITIAL,
   OPT_BO_MAX,
   OPT_CONNECT_TIMEOUT,
+  OPT_PROBE_INTERVAL,
+  OPT_PROBE_TIMEOUT,
   OPT_HANDSHAKE_TIMEOUT,
   OPT_IDLE_TIMEOUT,
   OPT_DRAIN_TIMEOUT,
@@ -89,6 +91,8 @@ static const struct option long_opts[] = {{"listen", required_argument, 0, OPT_L
                                           {"backoff-initial", required_argument, 0, OPT_BO_INITIAL},
                                           {"backoff-max", required_argument, 0, OPT_BO_MAX},
                                           {"connect-timeout", required_argument, 0, OPT_CONNECT_TIMEOUT},
+                                          {"probe-interval", required_argument, 0, OPT_PROBE_INTERVAL},
+                                          {"probe-timeout", required_argument, 0, OPT_PROBE_TIMEOUT},
                                           {"tls-handshake-timeout", required_argument, 0, OPT_HANDSHAKE_TIMEOUT},
                                           {"idle-timeout", required_argument, 0, OPT_IDLE_TIMEOUT},
                                           {"drain-timeout", required_argument, 0, OPT_DRAIN_TIMEOUT},
@@ -154,6 +158,12 @@ void fs_config_usage(void) {
         "  --tls-handshake-timeout S     (10)\n"
         "  --idle-timeout S              close a downstream connection without calls for S; 0 = never (3600)\n"
         "  --connect-timeout S           upstream connect + HTTP/2 SETTINGS, per attempt (link 5, node 20)\n"
+"  --probe-interval S            while the upstream is unreachable (SYN unanswered, no route, refused):\n"
+        "                                a bare TCP connect this often, +-20 %; the moment one connects the\n"
+        "                                real attempt follows (1)\n"
+        "  --probe-timeout S             a probe's time limit, and the TCP connect phase of every attempt\n"
+        "                                (1; raise it on links whose round trip nears 1 s); the backoff\n"
+        "                                governs only attempts that reached the upstream\n"
         "  --drain-timeout S             on SIGTERM/SIGINT, time for in-flight calls (10)\n"
         "  --keepalive-time S            [FL_GRPC_KEEPALIVE_TIME] node: PING after S of upstream silence\n"
         "                                while calls are open (30; doubled after GOAWAY too_many_pings)\n"
@@ -351,6 +361,12 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
     return parse_seconds(v, 0.1, 600, &c->connect_timeout_s)
                ? fail(err, errlen, what, v, "expected seconds in [0.1, 600]")
                : 0;
+  case OPT_PROBE_INTERVAL:
+    return parse_seconds(v, 0.1, 60, &c->probe_interval_s) ? fail(err, errlen, what, v, "expected seconds in [0.1, 60]")
+                                                           : 0;
+  case OPT_PROBE_TIMEOUT:
+    return parse_seconds(v, 0.1, 60, &c->probe_timeout_s) ? fail(err, errlen, what, v, "expected seconds in [0.1, 60]")
+                                                          : 0;
   case OPT_HANDSHAKE_TIMEOUT:
     return parse_seconds(v, 0.1, 600, &c->tls_handshake_timeout_s)
                ? fail(err, errlen, what, v, "expected seconds in [0.1, 600]")
@@ -472,6 +488,8 @@ static void set_defaults(fs_config *c) {
   c->backoff_max_s = node ? 300 : 30;
   c->connect_timeout_s = node ? 20 : 5;
   c->tls_handshake_timeout_s = 10;
+  c->probe_interval_s = 1;
+  c->probe_timeout_s = 1;
   c->idle_timeout_s = 3600;
   c->drain_timeout_s = 10;
   c->max_concurrent_streams = 1000;

@@ -46,6 +46,8 @@ typedef struct fs_config {
   double backoff_initial_s;
   double backoff_max_s;
   double connect_timeout_s;
+  double probe_interval_s; /* upstream unreachable: a TCP probe this often (+-20 %) */
+  double probe_timeout_s;  /* a probe's, and every attempt's TCP connect, time limit */
   double tls_handshake_timeout_s;
   double idle_timeout_s; /* 0: never */
   double drain_timeout_s;

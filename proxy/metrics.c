@@ -70,6 +70,13 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   put(&o, "flower_sidecar_connections_total %" PRIu64 "\n", s->conns_total);
   head(&o, "connections_refused_total", "counter", "Client connections closed at once: --max-connections reached.");
   put(&o, "flower_sidecar_connections_refused_total %" PRIu64 "\n", s->conns_refused);
+  head(&o, "upstream_probes_total", "counter",
+       "TCP probes of an upstream unreachable at the network level (--probe-interval).");
+  put(&o, "flower_sidecar_upstream_probes_total %" PRIu64 "\n", s->probes);
+  head(&o, "upstream_outages_total", "counter", "Upstream outages that ended (the upstream was up again).");
+  put(&o, "flower_sidecar_upstream_outages_total %" PRIu64 "\n", s->outages);
+  head(&o, "upstream_outage_seconds_total", "counter", "Time the upstream was down, summed over ended outages.");
+  put(&o, "flower_sidecar_upstream_outage_seconds_total %.3f\n", s->outage_s);
   if (s->onegate) {
     head(&o, "onegate_requests_total", "counter",
          "OneGate requests by kind (publish: PUT /vm, discover: GET /service) and result (a discovery that finds no "

@@ -32,6 +32,8 @@ typedef struct fs_metrics_sample {
   uint64_t calls_held, calls_failed_down, retries, pings;
   double ping_rtt_s; /* <= 0: not measured yet */
   uint64_t conns_refused;
+  uint64_t probes, outages;
+  double outage_s;
   int onegate; /* the OneGate client runs: its counters follow */
   uint64_t onegate_publish_ok, onegate_publish_failed, onegate_discover_ok, onegate_discover_failed;
 } fs_metrics_sample;

@@ -1,6 +1,8 @@
 /* policy: see policy.h. */
 #include "policy.h"
 
+#include <uv.h>
+
 uint64_t fs_policy_hold_ms(uint64_t hold_ms, int has_deadline, uint64_t deadline_ms) {
   if (has_deadline) {
     uint64_t margin = deadline_ms / 10 < 200 ? deadline_ms / 10 : 200;
@@ -88,4 +90,24 @@ const char *fs_policy_flood(const fs_flood_count *f) {
       FS_FLOOD_WINDOW_UPDATES_BASE + (uint64_t)FS_FLOOD_WINDOW_UPDATES_PER_DATA * f->data_sent)
     return "WINDOW_UPDATE frames";
   return NULL;
+}
+
+fs_attempt_class fs_policy_attempt_class(int tcp_connected, int connect_err) {
+  if (tcp_connected) return FS_ATTEMPT_REACHED;
+  switch (connect_err) {
+  case 0: /* our TCP connect timer: the SYN went unanswered */
+  case UV_ETIMEDOUT:
+  case UV_EHOSTUNREACH:
+  case UV_ENETUNREACH:
+  case UV_ECONNREFUSED:
+  case UV_ECONNRESET:
+    return FS_ATTEMPT_UNREACHED;
+  default:
+    return FS_ATTEMPT_REACHED;
+  }
+}
+
+uint64_t fs_policy_probe_delay(uint64_t interval_ms, uint64_t rnd) {
+  uint64_t span = interval_ms * 2 / 5; /* 40 %: from 0.8 to 1.2 x */
+  return interval_ms - interval_ms / 5 + (span ? rnd % (span + 1) : 0);
 }

@@ -114,6 +114,26 @@ int fs_policy_pick_upstream(const fs_upconn_view *v, size_t n, size_t max_conns,
  * limit only ends its own call (RESOURCE_EXHAUSTED). */
 int fs_policy_header_abuse(uint64_t decoded_bytes, uint32_t limit);
 
+/* --- reaching the upstream again ------------------------------------------------ */
+
+/* A failed connection attempt either reached the upstream's process (the
+ * TCP handshake completed, then TLS, HTTP/2 or the server failed: it cost
+ * the SuperLink work, so the gRPC backoff governs the next attempt) or did
+ * not (SYN unanswered, no route, host unreachable, or refused: the host
+ * answered with a bare RST, nothing listens; cheap for it): then short TCP
+ * probes look for its return (uppool.c). */
+typedef enum { FS_ATTEMPT_REACHED = 0, FS_ATTEMPT_UNREACHED } fs_attempt_class;
+
+/* The class of an attempt that failed with |tcp_connected| (the handshake
+ * completed) and |connect_err| (libuv's error of the TCP connect; 0 when
+ * our own TCP connect timer ran out).  Unknown local errors (no
+ * descriptors, no memory) count as reached: the backoff paces them. */
+fs_attempt_class fs_policy_attempt_class(int tcp_connected, int connect_err);
+
+/* The delay before the next probe: |interval_ms| +-20 %, from |rnd| (any
+ * 64-bit value): a crowd of nodes probes at spread-out phases. */
+uint64_t fs_policy_probe_delay(uint64_t interval_ms, uint64_t rnd);
+
 /* --- frame floods (client connections) ------------------------------------------ */
 
 /* What a client connection has sent and been sent, for the flood limits

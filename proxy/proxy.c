@@ -8,6 +8,7 @@
  * defaults (config.c), never in the data path.
  */
 #include "proxy.h"
+#include "upconn.h"
 #include "tls.h"
 
 #include <malloc.h>
@@ -37,6 +38,7 @@ int fs_proxy_upstream_up(void) { return fs_uppool_up(); }
 int fs_proxy_upstream_down_planned(void) { return fs_uppool_down_planned(); }
 int fs_proxy_draining(void) { return fs_env.draining; }
 unsigned fs_proxy_upstream_failures(void) { return fs_uppool_failures(); }
+void fs_proxy_upstream_phase(char *out, size_t len) { fs_uppool_next_attempt(out, len); }
 
 int fs_proxy_retarget(const char *endpoint, const char *ca_b64, char *err, size_t errlen) {
   SSL_CTX *tls = NULL;

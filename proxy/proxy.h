@@ -27,6 +27,8 @@ typedef struct fs_proxy_stats {
   uint64_t retries;           /* calls repeated by the sidecar */
   uint64_t pings;             /* keepalive PINGs sent */
   uint64_t ping_rtt_us;       /* last PING round trip; 0 none yet */
+  uint64_t probes;            /* TCP probes of an unreachable upstream */
+  uint64_t outages, outage_ms; /* upstream outages ended, and their total duration */
 } fs_proxy_stats;
 
 /* Starts listening on cfg->listen (fs_h2conn_global_init() first) and connecting to cfg->upstream.
@@ -51,6 +53,9 @@ int fs_proxy_listening(void);
 const fs_proxy_stats *fs_proxy_get_stats(void);
 /* Why the upstream is not connected (last connect or connection error). */
 const char *fs_proxy_upstream_error(void);
+/* What the pool does about a down upstream now ("link down, probing every
+ * 1 s", "next attempt in 16.0 s", ...), for health's reason. */
+void fs_proxy_upstream_phase(char *out, size_t len);
 /* Failed upstream connection attempts in a row while down. */
 unsigned fs_proxy_upstream_failures(void);
 /* Node role: connect to |endpoint| from now on, trusting |ca_b64| (base64

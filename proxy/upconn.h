@@ -16,6 +16,9 @@
 typedef struct fs_upconn {
   fs_pconn pc; /* first: an fs_upconn* is an fs_pconn* and an fs_h2conn* */
   uint8_t ready, goaway;
+  uint8_t tcp_ok;    /* the TCP handshake completed */
+  uint8_t was_ready; /* SETTINGS arrived once: an established connection, not an attempt */
+  uint8_t unreached; /* failed without reaching the upstream's process (policy.h) */
   fs_keepalive ka;
   uint64_t ping_t0;     /* when our outstanding PING was sent (µs), for its round trip; 0: none */
   uint64_t ping_ack_ms; /* when the last PING ACK arrived (loop clock); 0: never */

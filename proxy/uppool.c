@@ -29,6 +29,11 @@ static struct {
   uint8_t up, resolving, stopped;
   uint8_t down_planned; /* the last loss was announced (GOAWAY NO_ERROR) */
   uint8_t targeted;     /* an upstream address is known (node: OneGate may give it later) */
+  uint8_t unreachable;  /* the last attempt did not reach the upstream: probing (policy.h) */
+  uint8_t resolved;     /* U.addr holds an address to probe */
+  uv_timer_t probe_timer;
+  uint64_t rng;         /* xorshift64, for probe jitter */
+  uint64_t down_since_ms;
   char host[256];
   int port;
   char name[300]; /* "host:port" or "[v6]:port", for events and messages */
@@ -44,6 +49,7 @@ static struct {
 } U;
 
 static void schedule_reconnect(void);
+static void stop_probing(void);
 static void conn_timer(fs_h2conn *h);
 
 static fs_upconn *upconn_of(void *p) { return (fs_upconn *)p; }
@@ -62,7 +68,7 @@ int fs_uppool_up(void) { return U.up; }
 int fs_uppool_down_planned(void) { return !U.up && U.down_planned; }
 const char *fs_uppool_name(void) { return U.name; }
 const fs_uppool_options *fs_uppool_options_get(void) { return &U.o; }
-int fs_uppool_backing_off(void) { return uv_is_active((uv_handle_t *)&U.reconnect_timer); }
+int fs_uppool_backing_off(void) { return uv_is_active((uv_handle_t *)&U.reconnect_timer) || fs_uppool_probing(); }
 void fs_uppool_stop_backoff(void) { uv_timer_stop(&U.reconnect_timer); }
 const char *fs_uppool_error(void) { return U.error; }
 
@@ -73,6 +79,12 @@ static void set_up(int up, const char *reason, int planned) {
   if (U.up == up) return;
   U.up = (uint8_t)up;
   U.down_planned = (uint8_t)(!up && planned);
+  if (!up) U.down_since_ms = fs_now_ms();
+  else if (U.down_since_ms) {
+    fs_env.stats.outages++;
+    fs_env.stats.outage_ms += fs_now_ms() - U.down_since_ms;
+    U.down_since_ms = 0;
+  }
   if (!up && fs_ev_begin(&ev, planned || fs_env.draining ? FS_LOG_INFO : FS_LOG_WARN, "upstream.down")) {
     fs_ev_str(&ev, "upstream", U.name);
     fs_ev_str(&ev, "reason", reason);
@@ -118,6 +130,8 @@ void fs_uppool_next_attempt(char *out, size_t len) {
   if (U.nconnecting > 0 || U.resolving) snprintf(out, len, "a connection attempt is in progress");
   else if (uv_is_active((uv_handle_t *)&U.reconnect_timer))
     snprintf(out, len, "next attempt in %.1f s", (double)uv_timer_get_due_in(&U.reconnect_timer) / 1000.0);
+  else if (fs_uppool_probing())
+    snprintf(out, len, "link down, probing every %g s", fs_env.cfg->probe_interval_s);
   else if (fs_env.draining || U.stopped) snprintf(out, len, "no further attempt (shutting down)");
   else snprintf(out, len, "reconnecting");
 }
@@ -132,6 +146,9 @@ void fs_upconn_timer_within(fs_upconn *u, uint64_t in) {
 static void on_settings(fs_upconn *u) {
   fs_event ev;
   u->ready = 1;
+  u->was_ready = 1;
+  U.unreachable = 0;
+  stop_probing();
   U.nconnecting--;
   if (U.o.keepalive) {
     fs_keepalive_init(&u->ka, U.ka_time_ms, (uint64_t)(fs_env.cfg->keepalive_timeout_s * 1000), fs_now_ms());
@@ -248,6 +265,8 @@ static void conn_closing(fs_h2conn *h, const char *reason) {
 
 static void conn_freed(fs_h2conn *h) {
   fs_upconn *u = upconn_of(h);
+  if (!u->was_ready) U.unreachable = u->unreached; /* an attempt: how it failed decides what follows */
+  else U.unreachable = 0;                           /* a lost connection: one immediate attempt first */
   fs_list_remove(&u->node);
   U.nconns--;
   free(u);
@@ -274,6 +293,14 @@ static void conn_timer(fs_h2conn *h) {
   fs_upconn *u = upconn_of(h);
   char why[96];
   uint64_t next = 0;
+  if (!u->ready && !u->tcp_ok) {
+    u->unreached = fs_policy_attempt_class(0, 0) == FS_ATTEMPT_UNREACHED;
+    snprintf(why, sizeof(why), "TCP connect timed out after %gs",
+             fs_env.cfg->probe_timeout_s < fs_env.cfg->connect_timeout_s ? fs_env.cfg->probe_timeout_s
+                                                                         : fs_env.cfg->connect_timeout_s);
+    fs_h2conn_close(h, why);
+    return;
+  }
   if (!u->ready) {
     snprintf(why, sizeof(why), "no HTTP/2 SETTINGS within %gs", fs_env.cfg->connect_timeout_s);
     fs_h2conn_close(h, why);
@@ -309,9 +336,12 @@ static void on_connected(uv_connect_t *req, int status) {
   const char *name = fs_env.cfg->tls_server_name ? fs_env.cfg->tls_server_name : U.host;
   if (u->pc.h2.closing) return;
   if (status < 0) {
+    u->unreached = fs_policy_attempt_class(0, status) == FS_ATTEMPT_UNREACHED;
     fs_h2conn_close(&u->pc.h2, uv_strerror(status));
     return;
   }
+  u->tcp_ok = 1;
+  fs_h2conn_set_timer(&u->pc.h2, (uint64_t)(fs_env.cfg->connect_timeout_s * 1000)); /* TLS and SETTINGS */
   if (U.o.keepalive) {
     /* Unacknowledged bytes for longer than the keepalive timeout: the
      * kernel gives up too (a stalled write would otherwise hide it). */
@@ -339,7 +369,12 @@ static void connect_to(const struct sockaddr *sa) {
   U.nconnecting++;
   fs_env.stats.upstream_connects++;
   snprintf(u->pc.h2.peer, sizeof(u->pc.h2.peer), "%s", U.name);
-  fs_h2conn_set_timer(&u->pc.h2, (uint64_t)(fs_env.cfg->connect_timeout_s * 1000));
+  /* The TCP phase first: an unanswered SYN is known after --probe-timeout,
+   * not after the whole --connect-timeout of SYN retransmissions. */
+  fs_h2conn_set_timer(&u->pc.h2, (uint64_t)((fs_env.cfg->probe_timeout_s < fs_env.cfg->connect_timeout_s
+                                                 ? fs_env.cfg->probe_timeout_s
+                                                 : fs_env.cfg->connect_timeout_s) *
+                                                1000));
   u->creq.data = u;
   if ((rv = uv_tcp_connect(&u->creq, &u->pc.h2.tcp, sa, on_connected)) < 0) fs_h2conn_close(&u->pc.h2, uv_strerror(rv));
 }
@@ -355,6 +390,7 @@ static void on_resolved(uv_getaddrinfo_t *req, int status, struct addrinfo *res)
     if (U.o.on_maybe_idle) U.o.on_maybe_idle();
   } else if (!fs_env.draining) {
     memcpy(&U.addr, res->ai_addr, res->ai_addrlen);
+    U.resolved = 1;
     connect_to(res->ai_addr);
   }
   uv_freeaddrinfo(res);
@@ -384,12 +420,130 @@ static void on_reconnect_timer(uv_timer_t *t) {
   if (U.nconns == 0) fs_uppool_connect_now();
 }
 
+/* --- probing an unreachable upstream (policy.h, "reaching the upstream again") ------- */
+
+/* A probe starts every --probe-interval (+-20 %) whatever the ones before
+ * became: with --probe-timeout at most the interval, one SYN per interval,
+ * and a return is seen within one interval, not one timeout + interval. */
+#define MAX_PROBES 4
+
+typedef struct probe {
+  uv_tcp_t tcp;
+  uv_connect_t req;
+  uv_timer_t timer;
+  int open; /* handles not closed yet */
+} probe;
+
+static probe *probes[MAX_PROBES];
+
+static uint64_t next_rand(void) {
+  U.rng ^= U.rng << 13, U.rng ^= U.rng >> 7, U.rng ^= U.rng << 17;
+  return U.rng;
+}
+
+static void probe_freed(uv_handle_t *h) {
+  probe *p = h->data;
+  if (--p->open == 0) free(p);
+}
+
+/* Takes |p| out of the probes in flight and closes it.  Returns 0, or -1
+ * when it was no longer in flight (its other callback came first). */
+static int probe_close(probe *p) {
+  int i;
+  for (i = 0; i < MAX_PROBES && probes[i] != p; i++) {}
+  if (i == MAX_PROBES) return -1;
+  probes[i] = NULL;
+  uv_close((uv_handle_t *)&p->timer, probe_freed);
+  uv_close((uv_handle_t *)&p->tcp, probe_freed); /* a pending connect ends UV_ECANCELED first */
+  return 0;
+}
+
+static void stop_probing(void) {
+  int i;
+  uv_timer_stop(&U.probe_timer);
+  for (i = 0; i < MAX_PROBES; i++)
+    if (probes[i]) (void)probe_close(probes[i]);
+}
+
+static void probe_done(probe *p, int status) {
+  fs_event ev;
+  if (probe_close(p) < 0) return;
+  if (fs_ev_begin(&ev, FS_LOG_DEBUG, "upstream.probe")) {
+    fs_ev_str(&ev, "upstream", U.name);
+    fs_ev_str(&ev, "result", status == 0 ? "connected" : uv_strerror(status));
+    fs_ev_end(&ev);
+  }
+  if (status != 0 || fs_env.draining || U.stopped) return; /* the next probe is due anyway */
+  stop_probing();
+  if (fs_ev_begin(&ev, FS_LOG_INFO, "upstream.reachable")) {
+    fs_ev_str(&ev, "upstream", U.name);
+    if (U.down_since_ms) fs_ev_u64(&ev, "outage_ms", fs_now_ms() - U.down_since_ms);
+    fs_ev_end(&ev);
+  }
+  /* The real attempt at once: the probes' own jitter spreads a crowd. */
+  U.unreachable = 0;
+  fs_uppool_connect_now();
+}
+
+static void on_probe_connected(uv_connect_t *req, int status) { probe_done(req->data, status); }
+
+static void on_probe_timeout(uv_timer_t *t) { probe_done(t->data, UV_ETIMEDOUT); }
+
+static void start_probe(void) {
+  probe *p;
+  int rv, i;
+  for (i = 0; i < MAX_PROBES && probes[i]; i++) {}
+  if (i == MAX_PROBES || fs_env.draining || U.stopped || U.nconns > 0 || U.resolving) return;
+  if (!(p = calloc(1, sizeof(*p)))) return;
+  (void)uv_timer_init(fs_env.loop, &p->timer); /* cannot fail on a live loop */
+  p->timer.data = p->tcp.data = p->req.data = p;
+  p->open = 1;
+  if ((rv = uv_tcp_init(fs_env.loop, &p->tcp)) < 0) {
+    uv_close((uv_handle_t *)&p->timer, probe_freed);
+    fs_uppool_report("cannot open a probe socket", uv_strerror(rv));
+    return;
+  }
+  p->open = 2;
+  probes[i] = p;
+  fs_env.stats.probes++;
+  if ((rv = uv_tcp_connect(&p->req, &p->tcp, (const struct sockaddr *)&U.addr, on_probe_connected)) < 0 ||
+      (rv = uv_timer_start(&p->timer, on_probe_timeout, (uint64_t)(fs_env.cfg->probe_timeout_s * 1000), 0)) < 0)
+    probe_done(p, rv);
+}
+
+static void schedule_probe(void);
+
+static void on_probe_timer(uv_timer_t *t) {
+  (void)t;
+  if (!U.resolved) { /* nothing to probe: a real attempt resolves the name */
+    U.unreachable = 0;
+    fs_uppool_connect_now();
+    return;
+  }
+  start_probe();
+  schedule_probe();
+}
+
+static void schedule_probe(void) {
+  int rv;
+  if (fs_env.draining || U.stopped || uv_is_active((uv_handle_t *)&U.probe_timer)) return;
+  rv = uv_timer_start(&U.probe_timer, on_probe_timer,
+                      fs_policy_probe_delay((uint64_t)(fs_env.cfg->probe_interval_s * 1000), next_rand()), 0);
+  if (rv < 0) fs_uppool_report("cannot arm the probe timer", uv_strerror(rv));
+}
+
+int fs_uppool_probing(void) { return U.unreachable && uv_is_active((uv_handle_t *)&U.probe_timer); }
+
 static void schedule_reconnect(void) {
   uint64_t delay;
   fs_event ev;
   int rv;
   if (fs_env.draining || !U.targeted || U.nconns > 0 || U.resolving || uv_is_active((uv_handle_t *)&U.reconnect_timer))
     return;
+  if (U.unreachable) { /* nothing reached the upstream: probe, the backoff is for attempts that did */
+    schedule_probe();
+    return;
+  }
   delay = fs_backoff_next(&U.backoff);
   if (delay > 0 && fs_ev_begin(&ev, FS_LOG_INFO, "upstream.backoff")) {
     fs_ev_str(&ev, "upstream", U.name);
@@ -415,6 +569,8 @@ static int set_target(const char *hostport) {
   snprintf(U.name, sizeof(U.name), strchr(U.host, ':') ? "[%s]:%d" : "%s:%d", U.host, U.port);
   U.addr_ok = uv_ip4_addr(U.host, U.port, (struct sockaddr_in *)&U.addr) == 0 ||
               uv_ip6_addr(U.host, U.port, (struct sockaddr_in6 *)&U.addr) == 0;
+  U.resolved = U.addr_ok;
+  U.unreachable = 0;
   U.targeted = 1;
   return 0;
 }
@@ -428,6 +584,7 @@ int fs_uppool_retarget(const char *hostport, SSL_CTX *tls, char *err, size_t err
   }
   SSL_CTX_free(U.o.tls);
   U.o.tls = tls;
+  stop_probing();
   fs_backoff_reset(&U.backoff);
   uv_timer_stop(&U.reconnect_timer);
   snprintf(U.error, sizeof(U.error), "not connected yet");
@@ -464,6 +621,8 @@ int fs_uppool_start(const fs_uppool_options *o, char *err, size_t errlen) {
   nghttp2_option_set_no_auto_window_update(U.opt, 1);
   /* Timers on a live loop cannot fail to initialise (libuv). */
   (void)uv_timer_init(fs_env.loop, &U.reconnect_timer);
+  (void)uv_timer_init(fs_env.loop, &U.probe_timer);
+  U.rng = (uv_hrtime() ^ ((uint64_t)getpid() << 32)) | 1;
   if ((rv = fs_upcall_start()) < 0) {
     snprintf(err, errlen, "cannot start the hold timer: %s", uv_strerror(rv));
     return -1;
@@ -472,7 +631,10 @@ int fs_uppool_start(const fs_uppool_options *o, char *err, size_t errlen) {
   return 0;
 }
 
-void fs_uppool_drain(void) { uv_timer_stop(&U.reconnect_timer); }
+void fs_uppool_drain(void) {
+  uv_timer_stop(&U.reconnect_timer);
+  stop_probing();
+}
 
 void fs_uppool_close_all(void) {
   fs_list_node *n, *tmp;
@@ -495,6 +657,8 @@ void fs_uppool_stop(void) {
   U.stopped = 1;
   fs_upcall_stop();
   uv_close((uv_handle_t *)&U.reconnect_timer, NULL);
+  stop_probing();
+  uv_close((uv_handle_t *)&U.probe_timer, NULL);
   nghttp2_session_callbacks_del(U.cbs);
   nghttp2_option_del(U.opt);
   SSL_CTX_free(U.o.tls);

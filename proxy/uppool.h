@@ -51,6 +51,10 @@ int fs_uppool_up(void);
  * connects now, backoff reset.  Returns 0, or -1 with a reason. */
 int fs_uppool_retarget(const char *hostport, SSL_CTX *tls, char *err, size_t errlen);
 
+/* Nonzero while the upstream is unreachable at the network level and
+ * probed every --probe-interval (policy.h). */
+int fs_uppool_probing(void);
+
 /* Failed connection attempts in a row while down (0 while up). */
 unsigned fs_uppool_failures(void);
 

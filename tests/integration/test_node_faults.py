@@ -526,6 +526,13 @@ class Fed:
         except AssertionError as e:
             raise AssertionError(f"{e} (last exit code {last})\n{self.logs()}") from None
 
+    def healthz(self, side: str = "b") -> str:
+        """GET /healthz's body (the verdict and its reason)."""
+        r = subprocess.run(self.topo.argv(side, CURL, "-sS", "--max-time", "3",
+                                          f"http://127.0.0.1:{ADMIN_PORT}/healthz"),
+                           capture_output=True, text=True, timeout=10)
+        return r.stdout
+
     def metrics(self, side: str = "b") -> dict:
         """{metric name: value summed over its series} from GET /metrics."""
         r = subprocess.run(self.topo.argv(side, CURL, "-sS", "--max-time", "3",
@@ -1313,3 +1320,56 @@ def test_slow_link_small_calls_are_not_stuck_behind_a_download(fed):
            f"median {lat[n // 2]:.2f} s, max {lat[-1]:.2f} s")
     assert lat[n // 2] < 3.5, f"small calls waited behind the download: {[round(x, 2) for x in lat]}"
 
+
+
+# --- issue 16: traffic back within 3 s of the link's return -------------------
+EDGE_RETURN_BOUND = 3.0
+# The node role's own defaults for everything but keepalive (short here so
+# the outage is detected quickly): backoff 10..300 s, connect timeout 20 s,
+# --probe-interval 1 s, --probe-timeout 2 s.
+EDGE_TIMINGS = {"--backoff-initial": 10, "--backoff-max": 300, "--connect-timeout": 20}
+# FS_LONG_OUTAGES=1 adds the 60 s and 180 s blackholes (4 more minutes).
+EDGE_OUTAGES = [20.0] + ([60.0, 180.0] if os.environ.get("FS_LONG_OUTAGES") == "1" else [])
+
+
+@pytest.mark.parametrize("outage", EDGE_OUTAGES)
+def test_edge_traffic_back_within_3s_of_the_link_return(fed, outage):
+    """A silent blackhole: the keepalive declares the link dead, the
+    immediate attempt's SYN goes unanswered for --probe-timeout, then bare
+    TCP probes every --probe-interval (+-20 %) look for the link; the first
+    that connects is followed at once by the real attempt.  From the link's
+    return to the first successful call through the node sidecar: at most
+    3 s.  Probes do not advance the backoff (no upstream.backoff while the
+    link is silent) and the health reason names the phase."""
+    fed.start_echo()
+    fed.start_link()
+    fed.start_node(timings=EDGE_TIMINGS)
+    loop = NsClient(fed, "/test.Echo/Unary", count=0, interval=0.1).go()
+    wait_for(lambda: any(c["code"] == "OK" for c in loop.calls()), 10, f"a first answer {loop.stderr()}")
+    mark = len(fed.node.events.all())
+    t_bh = time.time()
+    fed.topo.blackhole()
+    wait_down(fed, mark, DETECT_BOUND + 5)
+    time.sleep(min(5.0, outage / 2))
+    health = fed.healthz()
+    time.sleep(max(0.0, t_bh + outage - time.time()))
+    t_clear = time.time()
+    fed.topo.clear()
+    up = fed.node.events.wait("upstream.up", timeout=EDGE_RETURN_BOUND + 10, since=mark)
+    reach = fed.node.events.find("upstream.reachable", since=mark)
+    wait_for(lambda: [c for c in loop.calls() if c["code"] == "OK" and c["t1"] >= t_clear], EDGE_RETURN_BOUND + 10,
+             "a call through the node sidecar after the return")
+    first_ok = min(c["t1"] for c in loop.calls() if c["code"] == "OK" and c["t1"] >= t_clear) - t_clear
+    back = ev_time(up) - t_clear
+    m = fed.metrics()
+    figure(f"edge {outage:g} s blackhole: link return -> upstream.reachable "
+           f"{(ev_time(reach[0]) - t_clear) if reach else float('nan'):.2f} s, upstream.up {back:.2f} s, "
+           f"first call {first_ok:.2f} s; probes {m.get('flower_sidecar_upstream_probes_total')}")
+    assert reach, "no upstream.reachable: the return was not found by a probe"
+    assert not fed.node.events.find("upstream.backoff", since=mark), \
+        "the backoff ran while nothing reached the upstream"
+    assert first_ok <= EDGE_RETURN_BOUND, f"first successful call {first_ok:.2f} s after the link returned"
+    probes = m.get("flower_sidecar_upstream_probes_total", 0)
+    assert 0.7 * (outage - DETECT_BOUND - 2) <= probes <= 1.3 * outage + 2, f"{probes} probes in a {outage:g} s outage"
+    assert m.get("flower_sidecar_upstream_outages_total") == 1, m
+    assert "link down, probing every 1 s" in health, health
