@@ -5,6 +5,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <cmocka.h>
+#include <uv.h>
 
 #include "policy.h"
 
@@ -206,6 +207,36 @@ static void flood_limits_follow_useful_work(void **state) {
   assert_null(fs_policy_flood(&f)); /* no overflow in the products */
 }
 
+static void attempts_that_never_reached_the_upstream_are_probed(void **state) {
+  (void)state;
+  assert_int_equal(fs_policy_attempt_class(0, 0), FS_ATTEMPT_UNREACHED); /* our TCP connect timer */
+  assert_int_equal(fs_policy_attempt_class(0, UV_ETIMEDOUT), FS_ATTEMPT_UNREACHED);
+  assert_int_equal(fs_policy_attempt_class(0, UV_EHOSTUNREACH), FS_ATTEMPT_UNREACHED);
+  assert_int_equal(fs_policy_attempt_class(0, UV_ENETUNREACH), FS_ATTEMPT_UNREACHED);
+  assert_int_equal(fs_policy_attempt_class(0, UV_ECONNREFUSED), FS_ATTEMPT_UNREACHED);
+  /* the TCP handshake completed: TLS, HTTP/2 or the server failed */
+  assert_int_equal(fs_policy_attempt_class(1, 0), FS_ATTEMPT_REACHED);
+  assert_int_equal(fs_policy_attempt_class(1, UV_ECONNREFUSED), FS_ATTEMPT_REACHED);
+  /* local trouble is paced by the backoff */
+  assert_int_equal(fs_policy_attempt_class(0, UV_EMFILE), FS_ATTEMPT_REACHED);
+  assert_int_equal(fs_policy_attempt_class(0, UV_ENOMEM), FS_ATTEMPT_REACHED);
+}
+
+static void probe_delay_is_the_interval_plus_minus_20_percent(void **state) {
+  uint64_t r, lo = UINT64_MAX, hi = 0, x = 88172645463325252ull;
+  int i;
+  (void)state;
+  for (i = 0; i < 10000; i++) {
+    x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+    r = fs_policy_probe_delay(1000, x);
+    lo = r < lo ? r : lo, hi = r > hi ? r : hi;
+  }
+  assert_true(lo >= 800 && lo < 820);
+  assert_true(hi <= 1200 && hi > 1180);
+  assert_int_equal(fs_policy_probe_delay(1, 12345), 1); /* tiny intervals stay positive */
+  assert_int_equal(fs_policy_probe_delay(0, 12345), 0);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(hold_ends_before_the_call_deadline),
@@ -218,6 +249,8 @@ int main(void) {
       cmocka_unit_test(keepalive_doubles_up_to_a_day),
       cmocka_unit_test(idle_timer),
       cmocka_unit_test(flood_limits_follow_useful_work),
+      cmocka_unit_test(attempts_that_never_reached_the_upstream_are_probed),
+      cmocka_unit_test(probe_delay_is_the_interval_plus_minus_20_percent),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
