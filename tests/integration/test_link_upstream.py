@@ -51,7 +51,10 @@ def test_upstream_not_running_then_started(make_upstream, make_sidecar):
     assert elapsed < 3 * SLOW, f"failing took {elapsed:.1f} s"  # fast: no waiting for a deadline
     ev = sc.events.wait("rpc.error", method="/test.Echo/Unary")
     assert ev["grpc_status"] == 14 and ev["grpc_message"].startswith("flower-sidecar:"), ev
-    sc.events.wait("upstream.backoff")
+    # Refused: nothing listens, so nothing was reached: probes, not a backoff
+    # delay, look for the SuperLink (README, "Getting the upstream back").
+    assert not sc.events.find("upstream.backoff"), sc.events.find("upstream.backoff")
+    assert "probing every" in msg or "in progress" in msg, msg
 
     # The SuperLink comes up: the same sidecar, same client channel, works.
     up.start()
