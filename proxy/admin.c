@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "bufq.h"
 #include "h2conn.h"
@@ -23,6 +24,8 @@
 #include "fedstate.h"
 #include "grpc.h"
 #include "proxy.h"
+#include "tls.h"
+#include "uppool.h"
 #include "uphealth.h"
 
 #define PREFACE     "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -457,6 +460,10 @@ static void http_request(aconn *c) {
                              0,
                              0,
                              0,
+                             0,
+                             0,
+                             0,
+                             0,
                              0};
     smp.n_runs = fs_fed_runs(runs);
     smp.conns_refused = ps->conns_refused;
@@ -465,6 +472,13 @@ static void http_request(aconn *c) {
     smp.retries = ps->retries;
     smp.pings = ps->pings;
     smp.ping_rtt_s = (double)ps->ping_rtt_us / 1e6;
+    {
+      int64_t na;
+      if (fs_tls_server_not_after(&na) == 0)
+        smp.has_server_expiry = 1, smp.server_expiry_s = (double)(na - (int64_t)time(NULL));
+      if (fs_uppool_peer_not_after(&na) == 0)
+        smp.has_upstream_expiry = 1, smp.upstream_expiry_s = (double)(na - (int64_t)time(NULL));
+    }
     size_t cap = 256 * 1024, n;
     char *text = malloc(cap);
     if (!text || !(n = fs_metrics_render(text, cap, &smp))) {

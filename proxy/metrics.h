@@ -32,6 +32,11 @@ typedef struct fs_metrics_sample {
   uint64_t calls_held, calls_failed_down, retries, pings;
   double ping_rtt_s; /* <= 0: not measured yet */
   uint64_t conns_refused;
+  /* Seconds until a certificate expires (negative: expired), when known:
+   * the listener's server certificate (link), the certificate the upstream
+   * presented on the current connection (node). */
+  int has_server_expiry, has_upstream_expiry;
+  double server_expiry_s, upstream_expiry_s;
 } fs_metrics_sample;
 
 /* Renders everything into |out| (capacity |cap|).  Returns the length, or

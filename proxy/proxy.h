@@ -37,6 +37,12 @@ typedef struct fs_proxy_stats {
 int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL_CTX *up_ctx, void (*on_stopped)(void),
                    char *err, size_t errlen);
 
+/* A new TLS context from a certificate reload or renewal (tls.h): the
+ * listener's (link) or the upstream's (node).  Takes ownership of |ctx|;
+ * new connections use it, established ones keep theirs.  Freed at once
+ * while draining or when that side has no TLS. */
+void fs_proxy_set_tls(SSL_CTX *ctx);
+
 /* Graceful shutdown: stop accepting, GOAWAY every connection, let calls
  * finish up to cfg->drain_timeout_s, then close everything. Idempotent. */
 void fs_proxy_drain(void);

@@ -7,9 +7,11 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/x509.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "backoff.h"
@@ -456,6 +458,35 @@ int fs_uppool_idle(void) {
   return 1;
 }
 
+void fs_uppool_set_tls(SSL_CTX *tls) {
+  SSL_CTX *old = U.o.tls;
+  if (!old || U.stopped) {
+    SSL_CTX_free(tls);
+    return;
+  }
+  U.o.tls = tls;
+  SSL_CTX_free(old); /* connections hold their own reference (SSL_new) */
+}
+
+int fs_uppool_peer_not_after(int64_t *not_after) {
+  fs_list_node *n;
+  fs_upconn *best = NULL;
+  /* Newest first in the list: the last ready one is the oldest. */
+  fs_list_for_each(n, &U.conns) {
+    fs_upconn *u = fs_list_entry(n, fs_upconn, node);
+    if (u->ready && u->pc.h2.ssl && !u->pc.h2.closing) best = u;
+  }
+  if (best) {
+    X509 *x = SSL_get0_peer_certificate(best->pc.h2.ssl);
+    struct tm tm;
+    if (x && ASN1_TIME_to_tm(X509_get0_notAfter(x), &tm)) {
+      *not_after = (int64_t)timegm(&tm);
+      return 0;
+    }
+  }
+  return -1;
+}
+
 void fs_uppool_stop(void) {
   U.stopped = 1;
   fs_upcall_stop();
@@ -463,4 +494,5 @@ void fs_uppool_stop(void) {
   nghttp2_session_callbacks_del(U.cbs);
   nghttp2_option_del(U.opt);
   SSL_CTX_free(U.o.tls);
+  U.o.tls = NULL;
 }
