@@ -67,8 +67,9 @@ static void on_hup(uv_signal_t *h, int signum) {
   (void)h, (void)signum;
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.reload")) {
     fs_ev_str(&ev, "signal", "SIGHUP");
-    fs_ev_str(&ev, "reloads", cfg.tls ? "certificates and keys (cert.reload follows)"
-                                      : "nothing: TLS is off; other settings apply at start");
+    fs_ev_str(&ev, "reloads",
+              cfg.tls ? "certificates and keys (cert.reload follows)"
+                      : "nothing: TLS is off; other settings apply at start");
     fs_ev_end(&ev);
   }
   fs_tls_reload();

@@ -117,8 +117,7 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   head(&o, "cert_expiry_seconds", "gauge",
        "Seconds until a certificate expires: cert=server, the listener's (link); cert=upstream, the one the upstream "
        "presented on the current connection (node).");
-  if (s->has_server_expiry)
-    put(&o, "flower_sidecar_cert_expiry_seconds{cert=\"server\"} %.0f\n", s->server_expiry_s);
+  if (s->has_server_expiry) put(&o, "flower_sidecar_cert_expiry_seconds{cert=\"server\"} %.0f\n", s->server_expiry_s);
   if (s->has_upstream_expiry)
     put(&o, "flower_sidecar_cert_expiry_seconds{cert=\"upstream\"} %.0f\n", s->upstream_expiry_s);
   head(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.");

@@ -117,7 +117,6 @@ static int alpn_select(SSL *ssl, const unsigned char **out, unsigned char *outle
   return SSL_TLSEXT_ERR_ALERT_FATAL;
 }
 
-
 /* --- auto-generated certificates ------------------------------------- */
 
 /* Lifetimes of new auto-generated certificates (seconds): renew.h's, or
@@ -288,7 +287,6 @@ static int collect_sans(const fs_config *cfg, char *san, size_t sanlen, char nam
   return n;
 }
 
-
 /* What --tls-dir holds or must hold: the PEM texts of the CA and the server
  * certificate, which of them are new (not written yet), and why. */
 typedef struct autogen {
@@ -356,9 +354,8 @@ static int autogen_plan(const fs_config *cfg, int64_t now, autogen *a, char *err
     X509_free(ca);
     EVP_PKEY_free(ca_key);
     ca = NULL;
-    if (!(ca_key = EVP_EC_gen("P-256")) ||
-        !(ca = make_cert(ca_key, ca_key, NULL, "flower-sidecar CA", NULL, now - fs_renew_backdate_s(ca_life_s),
-                         now + ca_life_s))) {
+    if (!(ca_key = EVP_EC_gen("P-256")) || !(ca = make_cert(ca_key, ca_key, NULL, "flower-sidecar CA", NULL,
+                                                            now - fs_renew_backdate_s(ca_life_s), now + ca_life_s))) {
       snprintf(err, errlen, "cannot create a CA: %s", fs_tls_error_string("openssl error"));
       goto out;
     }
@@ -396,8 +393,8 @@ static int autogen_plan(const fs_config *cfg, int64_t now, autogen *a, char *err
     a->new_cert = 1;
   }
   a->not_after = time_of(X509_get0_notAfter(srv));
-  if (!(a->ca_pem = to_pem(ca, NULL)) || !(a->ca_key_pem = to_pem(NULL, ca_key)) || !(a->cert_pem = to_pem(srv, NULL)) ||
-      !(a->key_pem = to_pem(NULL, srv_key))) {
+  if (!(a->ca_pem = to_pem(ca, NULL)) || !(a->ca_key_pem = to_pem(NULL, ca_key)) ||
+      !(a->cert_pem = to_pem(srv, NULL)) || !(a->key_pem = to_pem(NULL, srv_key))) {
     snprintf(err, errlen, "out of memory");
     goto out;
   }
@@ -429,9 +426,9 @@ static int autogen_write(const autogen *a, const char *dir, char *err, size_t er
 
 static struct {
   const fs_config *cfg;
-  int link;        /* a listener context was built (link role with TLS) */
-  int auto_certs;  /* ... from the auto-generated certificates */
-  char *ca_pem;    /* the CA of the server certificate in use (link), or NULL */
+  int link;                      /* a listener context was built (link role with TLS) */
+  int auto_certs;                /* ... from the auto-generated certificates */
+  char *ca_pem;                  /* the CA of the server certificate in use (link), or NULL */
   int64_t not_before, not_after; /* of the server certificate in use (link); 0: none */
   void (*on_ca_change)(const char *ca_pem, void *arg);
   void *ca_arg;
@@ -482,7 +479,6 @@ static int64_t test_lifetime(const char *var) {
 }
 
 /* --- contexts ------------------------------------------------------------- */
-
 
 static SSL_CTX *base_ctx(const SSL_METHOD *m) {
   SSL_CTX *ctx = SSL_CTX_new(m);
@@ -582,7 +578,6 @@ static int load_setting(const char *value, const char *from, int secret, char **
   return 0;
 }
 
-
 /* The listener context from PEM texts: the certificate (and chain) with its
  * key, then the CA (|ca| may be NULL with an operator certificate).  Errors
  * name |cert_from| / |ca_from|; none ever shows key material. */
@@ -623,8 +618,7 @@ static void describe(char *out, size_t len, const char *value, const char *from)
   size_t used = strlen(out);
   struct stat st;
   if (!value) return;
-  if (stat(value, &st) == 0)
-    snprintf(out + used, used < len ? len - used : 0, "%s%s", used ? "," : "", value);
+  if (stat(value, &st) == 0) snprintf(out + used, used < len ? len - used : 0, "%s%s", used ? "," : "", value);
   else snprintf(out + used, used < len ? len - used : 0, "%sbase64 from %s", used ? "," : "", from);
 }
 
@@ -682,8 +676,9 @@ SSL_CTX *fs_tls_server_ctx(const fs_config *cfg, char *err, size_t errlen) {
   } else {
     if (autogen_plan(cfg, (int64_t)time(NULL), &a, err, errlen) < 0) return NULL;
     generated = a.new_ca || a.new_cert;
-    ctx = autogen_write(&a, cfg->tls_dir, err, errlen) < 0 ? NULL
-                                                           : auto_server_ctx(cfg, &a, files, sizeof(files), err, errlen);
+    ctx = autogen_write(&a, cfg->tls_dir, err, errlen) < 0
+              ? NULL
+              : auto_server_ctx(cfg, &a, files, sizeof(files), err, errlen);
     ca = a.ca_pem;
     a.ca_pem = NULL;
   }
