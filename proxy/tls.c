@@ -298,6 +298,8 @@ typedef struct autogen {
 } autogen;
 
 static void autogen_free(autogen *a) {
+  if (a->ca_key_pem) OPENSSL_cleanse(a->ca_key_pem, strlen(a->ca_key_pem));
+  if (a->key_pem) OPENSSL_cleanse(a->key_pem, strlen(a->key_pem));
   free(a->ca_pem);
   free(a->ca_key_pem);
   free(a->cert_pem);
@@ -844,6 +846,8 @@ static void on_switch(uv_timer_t *t) {
 static void begin_switch(SSL_CTX *ctx, char *ca_pem, const char *trigger, const char *files, const char *why,
                          int64_t ca_not_after) {
   double delay = T.cfg->tls_ca_switch_delay_s;
+  int64_t nb;
+  if (!ca_not_after && pem_times(ca_pem, &nb, &ca_not_after) < 0) ca_not_after = 0;
   T.pending = ctx;
   T.pending_ca_pem = ca_pem;
   T.pending_trigger = trigger;
