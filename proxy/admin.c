@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "bufq.h"
 #include "h2conn.h"
@@ -24,6 +25,8 @@
 #include "fedstate.h"
 #include "grpc.h"
 #include "proxy.h"
+#include "tls.h"
+#include "uppool.h"
 #include "uphealth.h"
 
 #define PREFACE     "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -451,30 +454,17 @@ static void http_request(aconn *c) {
   } else if (!strcmp(target, "/metrics") && A.cfg->metrics) {
     const fs_proxy_stats *ps = fs_proxy_get_stats();
     fs_fed_run runs[FS_FED_RUNS];
-    fs_metrics_sample smp = {ps->conns_current,
-                             ps->conns_total,
-                             ps->tls_failures,
-                             fs_proxy_upstream_up(),
-                             ps->upstream_connects,
-                             current(&reason) == FS_HEALTH_SERVING,
-                             fs_log_dropped(),
-                             fs_fed_nodes_active(),
-                             runs,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0,
-                             0};
+    fs_metrics_sample smp;
+    memset(&smp, 0, sizeof(smp));
+    smp.conns_current = ps->conns_current;
+    smp.conns_total = ps->conns_total;
+    smp.tls_failures = ps->tls_failures;
+    smp.upstream_up = fs_proxy_upstream_up();
+    smp.upstream_connects = ps->upstream_connects;
+    smp.serving = current(&reason) == FS_HEALTH_SERVING;
+    smp.dropped_lines = fs_log_dropped();
+    smp.nodes_active = fs_fed_nodes_active();
+    smp.runs = runs;
     smp.n_runs = fs_fed_runs(runs);
     smp.conns_refused = ps->conns_refused;
     smp.probes = ps->probes, smp.outages = ps->outages, smp.outage_s = (double)ps->outage_ms / 1000.0;
@@ -489,6 +479,13 @@ static void http_request(aconn *c) {
     smp.retries = ps->retries;
     smp.pings = ps->pings;
     smp.ping_rtt_s = (double)ps->ping_rtt_us / 1e6;
+    {
+      int64_t na;
+      if (fs_tls_server_not_after(&na) == 0)
+        smp.has_server_expiry = 1, smp.server_expiry_s = (double)(na - (int64_t)time(NULL));
+      if (fs_uppool_peer_not_after(&na) == 0)
+        smp.has_upstream_expiry = 1, smp.upstream_expiry_s = (double)(na - (int64_t)time(NULL));
+    }
     size_t cap = 256 * 1024, n;
     char *text = malloc(cap);
     if (!text || !(n = fs_metrics_render(text, cap, &smp))) {

@@ -28,6 +28,7 @@ enum {
   OPT_TLS_REQUIRE_CLIENT_CERT,
   OPT_TLS_SAN,
   OPT_TLS_SERVER_NAME,
+  OPT_TLS_CA_SWITCH_DELAY,
   OPT_LOG_FORMAT,
   OPT_LOG_LEVEL,
   OPT_LOG_FILE,
@@ -79,6 +80,7 @@ static const struct option long_opts[] = {{"listen", required_argument, 0, OPT_L
                                           {"tls-require-client-cert", no_argument, 0, OPT_TLS_REQUIRE_CLIENT_CERT},
                                           {"tls-san", required_argument, 0, OPT_TLS_SAN},
                                           {"tls-server-name", required_argument, 0, OPT_TLS_SERVER_NAME},
+                                          {"tls-ca-switch-delay", required_argument, 0, OPT_TLS_CA_SWITCH_DELAY},
                                           {"log-format", required_argument, 0, OPT_LOG_FORMAT},
                                           {"log-level", required_argument, 0, OPT_LOG_LEVEL},
                                           {"log-file", required_argument, 0, OPT_LOG_FILE},
@@ -146,6 +148,10 @@ void fs_config_usage(void) {
         "  --tls-san NAME|IP             extra subject alternative name for the auto-generated certificate\n"
         "                                (repeatable)\n"
         "  --tls-server-name NAME        node: name to verify the upstream certificate against\n"
+        "  --tls-ca-switch-delay S       link: when the CA changes (renewal, SIGHUP), announce it and use the\n"
+        "                                certificate it signs S seconds later (10)\n"
+        "  SIGHUP re-reads certificates and keys (or renews the auto-generated ones when due); the\n"
+        "  auto-generated server certificate is renewed while running with a third of its life left\n"
         "Limits (sizes in bytes, K/M/G suffixes allowed; times in seconds):\n"
         "  --max-concurrent-streams N    per downstream connection (1000)\n"
         "  --max-header-list-size N      request/response header block size (8192)\n"
@@ -158,7 +164,7 @@ void fs_config_usage(void) {
         "  --tls-handshake-timeout S     (10)\n"
         "  --idle-timeout S              close a downstream connection without calls for S; 0 = never (3600)\n"
         "  --connect-timeout S           upstream connect + HTTP/2 SETTINGS, per attempt (link 5, node 20)\n"
-"  --probe-interval S            while the upstream is unreachable (SYN unanswered, no route, refused):\n"
+        "  --probe-interval S            while the upstream is unreachable (SYN unanswered, no route, refused):\n"
         "                                a bare TCP connect this often, +-20 %; the moment one connects the\n"
         "                                real attempt follows (1)\n"
         "  --probe-timeout S             a probe's time limit, and the TCP connect phase of every attempt\n"
@@ -329,6 +335,10 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
     if (c->n_tls_sans == FS_MAX_SANS) return fail(err, errlen, what, v, "at most 16 extra names");
     c->tls_sans[c->n_tls_sans++] = v;
     return 0;
+  case OPT_TLS_CA_SWITCH_DELAY:
+    return parse_seconds(v, 0, 3600, &c->tls_ca_switch_delay_s)
+               ? fail(err, errlen, what, v, "expected seconds in [0, 3600]")
+               : 0;
   case OPT_LOG_FORMAT:
     if (!strcasecmp(v, "json")) c->log_format = FS_LOG_JSON;
     else if (!strcasecmp(v, "text")) c->log_format = FS_LOG_TEXT;
@@ -492,6 +502,7 @@ static void set_defaults(fs_config *c) {
   c->probe_timeout_s = 1;
   c->idle_timeout_s = 3600;
   c->drain_timeout_s = 10;
+  c->tls_ca_switch_delay_s = 10;
   c->max_concurrent_streams = 1000;
   c->max_header_list_size = 8192;
   c->max_message_size = 2147483647u;

@@ -34,6 +34,7 @@ typedef struct fs_config {
   int tls_require_client_cert; /* link: a client certificate signed by the CA is mandatory */
   const char *tls_dir;
   const char *tls_server_name;
+  double tls_ca_switch_delay_s; /* link: a changed CA is announced this long before its certificate is used */
   const char *tls_sans[FS_MAX_SANS];
   int n_tls_sans;
   fs_log_format log_format;

@@ -29,7 +29,7 @@ static struct {
   SSL_CTX *tls;
   void (*on_maybe_idle)(void);
   uv_tcp_t listener;
-  uint8_t listening;
+  uint8_t listening, stopped;
   fs_list_node conns;
   unsigned nconns;
   unsigned max_conns; /* --max-connections, or the open-file limit less FD_RESERVE */
@@ -47,6 +47,16 @@ static downconn *downconn_of(void *p) { return (downconn *)p; }
 static uint64_t handshake_ms(void) { return (uint64_t)(fs_env.cfg->tls_handshake_timeout_s * 1000); }
 
 int fs_downstream_listening(void) { return D.listening; }
+
+void fs_downstream_set_tls(SSL_CTX *tls) {
+  SSL_CTX *old = D.tls;
+  if (!old || D.stopped) {
+    SSL_CTX_free(tls);
+    return;
+  }
+  D.tls = tls;
+  SSL_CTX_free(old); /* handshakes in progress hold their own reference (SSL_new) */
+}
 unsigned fs_downstream_conns(void) { return D.nconns; }
 
 static void idle_timer_update(fs_pconn *pc) {
@@ -473,4 +483,6 @@ void fs_downstream_stop(void) {
   nghttp2_session_callbacks_del(D.cbs);
   nghttp2_option_del(D.opt);
   SSL_CTX_free(D.tls);
+  D.tls = NULL;
+  D.stopped = 1;
 }

@@ -19,6 +19,13 @@
  * with a one-line reason in |err|. */
 int fs_downstream_start(SSL_CTX *tls, void (*on_maybe_idle)(void), char *err, size_t errlen);
 
+/* Replaces the listener's TLS context (certificate reload or renewal):
+ * connections accepted from now on use |tls|; those accepted before keep
+ * the one their SSL holds a reference to.  Takes ownership of |tls| and
+ * drops the listener's reference to the old one.  Only when the listener
+ * was started with TLS and not stopped (else |tls| is freed). */
+void fs_downstream_set_tls(SSL_CTX *tls);
+
 /* Nonzero while the listener accepts. */
 int fs_downstream_listening(void);
 

@@ -39,6 +39,7 @@ static void on_admin_closed(void) {
   uv_close((uv_handle_t *)&sig_term, NULL);
   uv_close((uv_handle_t *)&sig_int, NULL);
   uv_close((uv_handle_t *)&sig_hup, NULL);
+  fs_tls_lifecycle_stop();
   fs_sdnotify_close();
   fs_onegate_stop(on_onegate_closed); /* a FL_READY=NO in flight may finish first */
 }
@@ -63,18 +64,19 @@ static void on_signal(uv_signal_t *h, int signum) {
   fs_proxy_drain();
 }
 
-/* systemd's ExecReload= sends SIGHUP.  Certificates are read at start
- * (their reload is the OneGate work); until then the signal is logged and
- * changes nothing, instead of ending the daemon as its default would. */
+/* systemd's ExecReload= sends SIGHUP: certificates and keys are re-read
+ * (tls.h; event cert.reload).  Other settings apply at start. */
 static void on_hup(uv_signal_t *h, int signum) {
   fs_event ev;
   (void)h, (void)signum;
   if (fs_ev_begin(&ev, FS_LOG_INFO, "sidecar.reload")) {
     fs_ev_str(&ev, "signal", "SIGHUP");
-    fs_ev_bool(&ev, "ok", 0);
-    fs_ev_str(&ev, "reason", "nothing is reloaded yet: restart the unit to apply new settings or certificates");
+    fs_ev_str(&ev, "reloads",
+              cfg.tls ? "certificates and keys (cert.reload follows)"
+                      : "nothing: TLS is off; other settings apply at start");
     fs_ev_end(&ev);
   }
+  fs_tls_reload();
 }
 
 static void on_health_change(const char *verdict, const char *reason) {
@@ -152,6 +154,8 @@ int main(int argc, char **argv) {
   /* The proxy first (it only starts connecting), so the admin port's first
    * verdict already names the real reason. */
   if (fs_proxy_start(loop, &cfg, down_ctx, up_ctx, on_stopped, err, sizeof(err)) < 0) return fatal(err);
+  if (fs_tls_lifecycle_start(loop, fs_proxy_set_tls, fs_proxy_draining) < 0)
+    return fatal("cannot start the certificate renewal timer");
   if (cfg.upstream_health[0] && fs_uphealth_start(loop, cfg.upstream_health, fs_admin_update, err, sizeof(err)) < 0)
     return fatal(err);
   if (fs_admin_start(loop, &cfg, err, sizeof(err)) < 0) return fatal(err);

@@ -134,6 +134,12 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   if (s->ping_rtt_s > 0) put(&o, "flower_sidecar_upstream_ping_rtt_seconds %.6f\n", s->ping_rtt_s);
   head(&o, "tls_handshake_failures_total", "counter", "Failed TLS handshakes on the listener.");
   put(&o, "flower_sidecar_tls_handshake_failures_total %" PRIu64 "\n", s->tls_failures);
+  head(&o, "cert_expiry_seconds", "gauge",
+       "Seconds until a certificate expires: cert=server, the listener's (link); cert=upstream, the one the upstream "
+       "presented on the current connection (node).");
+  if (s->has_server_expiry) put(&o, "flower_sidecar_cert_expiry_seconds{cert=\"server\"} %.0f\n", s->server_expiry_s);
+  if (s->has_upstream_expiry)
+    put(&o, "flower_sidecar_cert_expiry_seconds{cert=\"upstream\"} %.0f\n", s->upstream_expiry_s);
   head(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.");
   put(&o, "flower_sidecar_nodes_active %" PRIu64 "\n", s->nodes_active);
   head(&o, "run_round", "gauge", "Latest server round of each recent run (-1: none seen).");

@@ -36,6 +36,11 @@ typedef struct fs_metrics_sample {
   double outage_s;
   int onegate; /* the OneGate client runs: its counters follow */
   uint64_t onegate_publish_ok, onegate_publish_failed, onegate_discover_ok, onegate_discover_failed;
+  /* Seconds until a certificate expires (negative: expired), when known:
+   * the listener's server certificate (link), the certificate the upstream
+   * presented on the current connection (node). */
+  int has_server_expiry, has_upstream_expiry;
+  double server_expiry_s, upstream_expiry_s;
 } fs_metrics_sample;
 
 /* Renders everything into |out| (capacity |cap|).  Returns the length, or

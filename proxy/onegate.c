@@ -62,6 +62,7 @@ static struct {
   int up_once;
   char target[256], target_ca[FS_OG_CA_MAX];
   uint64_t rediscover_not_before;
+  int ca_switch_pending; /* a new CA waits for its publication (tls.h) */
   fs_onegate_stats stats;
 } G;
 
@@ -355,22 +356,30 @@ static void link_endpoint(void) {
   if (addr[0]) snprintf(G.endpoint, sizeof(G.endpoint), "%s:%d", addr, port);
 }
 
-/* The CA SuperNodes must trust, as base64 on one line ("" without TLS). */
-static void link_ca(void) {
-  char *pem = NULL, why[256], path[4200];
-  size_t len;
-  const char *src;
+static void set_ca_b64(const char *pem) {
+  size_t len = pem ? strlen(pem) : 0;
   G.ca_b64[0] = '\0';
-  if (!G.cfg->tls) return;
-  if (G.cfg->tls_ca) {
-    if (fs_tls_read_pem(G.cfg->tls_ca, &pem, &len, &src, why, sizeof(why)) < 0) return;
-  } else {
-    snprintf(path, sizeof(path), "%s/ca.pem", G.cfg->tls_dir);
-    if (fs_tls_read_pem(path, &pem, &len, &src, why, sizeof(why)) < 0) return;
-  }
   if (len && 4 * ((len + 2) / 3) < sizeof(G.ca_b64))
     (void)EVP_EncodeBlock((unsigned char *)G.ca_b64, (const unsigned char *)pem, (int)len);
+}
+
+/* The CA SuperNodes must trust, as base64 on one line ("" without TLS):
+ * the one that signs the listener's certificate now (tls.h). */
+static void link_ca(void) {
+  char *pem = G.cfg->tls ? fs_tls_current_ca_pem() : NULL;
+  set_ca_b64(pem);
   free(pem);
+}
+
+/* tls.h: a renewed or replaced CA, announced before a certificate it signs
+ * is served: publish it; the switch follows once OneGate has it (pub_done)
+ * or after --tls-ca-switch-delay. */
+static void on_ca_change(const char *ca_pem, void *arg) {
+  (void)arg;
+  set_ca_b64(ca_pem);
+  G.ca_switch_pending = 1;
+  uv_timer_stop(&G.pub_timer); /* now, not after a backoff delay */
+  publish_check();
 }
 
 /* The attributes this VM should carry now, as a PUT /vm body. */
@@ -407,6 +416,10 @@ static void pub_done(ogreq *r, long status, const char *why) {
     G.stats.publish_ok++;
     fs_backoff_reset(&G.pub_bo);
     memcpy(G.published, r->body, sizeof(G.published));
+    if (G.ca_switch_pending && G.ca_b64[0] && strstr(r->body, G.ca_b64)) {
+      G.ca_switch_pending = 0;
+      fs_tls_ca_published(); /* SuperNodes can find the new CA: serve what it signs */
+    }
     (void)desired(body, sizeof(body), names, sizeof(names));
     if (fs_ev_begin(&ev, FS_LOG_INFO, "onegate.publish")) {
       char fp[100];
@@ -563,6 +576,7 @@ int fs_onegate_start(uv_loop_t *loop, const fs_config *cfg, fs_onegate_retarget_
   if (cfg->role == FS_ROLE_LINK) {
     link_endpoint();
     link_ca();
+    if (cfg->tls) fs_tls_on_ca_change(on_ca_change, NULL);
   } else if (!cfg->upstream[0]) {
     G.discovering = 1;
     if ((rv = uv_timer_start(&G.watch_timer, on_watch, WATCH_MS, WATCH_MS)) < 0) {
@@ -627,6 +641,7 @@ static void maybe_close(void) {
 }
 
 void fs_onegate_stop(void (*on_closed)(void)) {
+  if (G.started && G.cfg->role == FS_ROLE_LINK && G.cfg->tls) fs_tls_on_ca_change(NULL, NULL);
   if (!G.started) {
     if (on_closed) on_closed();
     return;

@@ -103,6 +103,12 @@ int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL
   return fs_uppool_start(&up, err, errlen);
 }
 
+void fs_proxy_set_tls(SSL_CTX *ctx) {
+  if (fs_env.draining || G.stopped) SSL_CTX_free(ctx);
+  else if (fs_env.cfg->role == FS_ROLE_LINK) fs_downstream_set_tls(ctx);
+  else fs_uppool_set_tls(ctx);
+}
+
 void fs_proxy_drain(void) {
   if (fs_env.draining) return;
   fs_env.draining = 1;

@@ -22,12 +22,12 @@ typedef struct fs_proxy_stats {
   uint64_t conns_refused; /* closed at once: --max-connections reached */
   uint64_t tls_failures;
   uint64_t upstream_connects;
-  uint64_t calls_held;        /* waited for an upstream connection */
-  uint64_t calls_failed_down; /* ended UNAVAILABLE: upstream unreachable or lost */
-  uint64_t retries;           /* calls repeated by the sidecar */
-  uint64_t pings;             /* keepalive PINGs sent */
-  uint64_t ping_rtt_us;       /* last PING round trip; 0 none yet */
-  uint64_t probes;            /* TCP probes of an unreachable upstream */
+  uint64_t calls_held;         /* waited for an upstream connection */
+  uint64_t calls_failed_down;  /* ended UNAVAILABLE: upstream unreachable or lost */
+  uint64_t retries;            /* calls repeated by the sidecar */
+  uint64_t pings;              /* keepalive PINGs sent */
+  uint64_t ping_rtt_us;        /* last PING round trip; 0 none yet */
+  uint64_t probes;             /* TCP probes of an unreachable upstream */
   uint64_t outages, outage_ms; /* upstream outages ended, and their total duration */
 } fs_proxy_stats;
 
@@ -38,6 +38,12 @@ typedef struct fs_proxy_stats {
  * one-line reason in |err|. */
 int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL_CTX *up_ctx, void (*on_stopped)(void),
                    char *err, size_t errlen);
+
+/* A new TLS context from a certificate reload or renewal (tls.h): the
+ * listener's (link) or the upstream's (node).  Takes ownership of |ctx|;
+ * new connections use it, established ones keep theirs.  Freed at once
+ * while draining or when that side has no TLS. */
+void fs_proxy_set_tls(SSL_CTX *ctx);
 
 /* Graceful shutdown: stop accepting, GOAWAY every connection, let calls
  * finish up to cfg->drain_timeout_s, then close everything. Idempotent. */

@@ -7,9 +7,11 @@
 #include <netdb.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <openssl/x509.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "backoff.h"
@@ -32,7 +34,7 @@ static struct {
   uint8_t unreachable;  /* the last attempt did not reach the upstream: probing (policy.h) */
   uint8_t resolved;     /* U.addr holds an address to probe */
   uv_timer_t probe_timer;
-  uint64_t rng;         /* xorshift64, for probe jitter */
+  uint64_t rng; /* xorshift64, for probe jitter */
   uint64_t down_since_ms;
   char host[256];
   int port;
@@ -130,8 +132,7 @@ void fs_uppool_next_attempt(char *out, size_t len) {
   if (U.nconnecting > 0 || U.resolving) snprintf(out, len, "a connection attempt is in progress");
   else if (uv_is_active((uv_handle_t *)&U.reconnect_timer))
     snprintf(out, len, "next attempt in %.1f s", (double)uv_timer_get_due_in(&U.reconnect_timer) / 1000.0);
-  else if (fs_uppool_probing())
-    snprintf(out, len, "link down, probing every %g s", fs_env.cfg->probe_interval_s);
+  else if (fs_uppool_probing()) snprintf(out, len, "link down, probing every %g s", fs_env.cfg->probe_interval_s);
   else if (fs_env.draining || U.stopped) snprintf(out, len, "no further attempt (shutting down)");
   else snprintf(out, len, "reconnecting");
 }
@@ -266,7 +267,7 @@ static void conn_closing(fs_h2conn *h, const char *reason) {
 static void conn_freed(fs_h2conn *h) {
   fs_upconn *u = upconn_of(h);
   if (!u->was_ready) U.unreachable = u->unreached; /* an attempt: how it failed decides what follows */
-  else U.unreachable = 0;                           /* a lost connection: one immediate attempt first */
+  else U.unreachable = 0;                          /* a lost connection: one immediate attempt first */
   fs_list_remove(&u->node);
   U.nconns--;
   free(u);
@@ -374,7 +375,7 @@ static void connect_to(const struct sockaddr *sa) {
   fs_h2conn_set_timer(&u->pc.h2, (uint64_t)((fs_env.cfg->probe_timeout_s < fs_env.cfg->connect_timeout_s
                                                  ? fs_env.cfg->probe_timeout_s
                                                  : fs_env.cfg->connect_timeout_s) *
-                                                1000));
+                                            1000));
   u->creq.data = u;
   if ((rv = uv_tcp_connect(&u->creq, &u->pc.h2.tcp, sa, on_connected)) < 0) fs_h2conn_close(&u->pc.h2, uv_strerror(rv));
 }
@@ -653,6 +654,35 @@ int fs_uppool_idle(void) {
   return 1;
 }
 
+void fs_uppool_set_tls(SSL_CTX *tls) {
+  SSL_CTX *old = U.o.tls;
+  if (!old || U.stopped) {
+    SSL_CTX_free(tls);
+    return;
+  }
+  U.o.tls = tls;
+  SSL_CTX_free(old); /* connections hold their own reference (SSL_new) */
+}
+
+int fs_uppool_peer_not_after(int64_t *not_after) {
+  fs_list_node *n;
+  fs_upconn *best = NULL;
+  /* Newest first in the list: the last ready one is the oldest. */
+  fs_list_for_each(n, &U.conns) {
+    fs_upconn *u = fs_list_entry(n, fs_upconn, node);
+    if (u->ready && u->pc.h2.ssl && !u->pc.h2.closing) best = u;
+  }
+  if (best) {
+    X509 *x = SSL_get0_peer_certificate(best->pc.h2.ssl);
+    struct tm tm;
+    if (x && ASN1_TIME_to_tm(X509_get0_notAfter(x), &tm)) {
+      *not_after = (int64_t)timegm(&tm);
+      return 0;
+    }
+  }
+  return -1;
+}
+
 void fs_uppool_stop(void) {
   U.stopped = 1;
   fs_upcall_stop();
@@ -662,4 +692,5 @@ void fs_uppool_stop(void) {
   nghttp2_session_callbacks_del(U.cbs);
   nghttp2_option_del(U.opt);
   SSL_CTX_free(U.o.tls);
+  U.o.tls = NULL;
 }

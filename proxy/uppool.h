@@ -14,6 +14,7 @@
 
 #include <openssl/ssl.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "call.h"
 
@@ -42,6 +43,16 @@ int fs_uppool_start(const fs_uppool_options *o, char *err, size_t errlen);
  * on a connection that can take it, or holds it (node role) or fails it
  * UNAVAILABLE when none can be had. */
 void fs_uppool_route(fs_call *c);
+
+/* Replaces the upstream TLS context (certificate reload): connections
+ * opened from now on use |tls|, established ones keep theirs.  Takes
+ * ownership of |tls|; freed at once when the pool has no TLS or stopped. */
+void fs_uppool_set_tls(SSL_CTX *tls);
+
+/* notAfter (seconds since the epoch) of the certificate the upstream
+ * presented on the current (oldest established) TLS connection: 0, or -1
+ * when no TLS connection is established. */
+int fs_uppool_peer_not_after(int64_t *not_after);
 
 /* Nonzero while an upstream connection is established (SETTINGS arrived). */
 int fs_uppool_up(void);

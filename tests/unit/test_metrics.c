@@ -34,6 +34,8 @@ static const fs_metrics_sample sample = {
     .retries = 2,
     .pings = 11,
     .ping_rtt_s = 0.0125,
+    .has_server_expiry = 1,
+    .server_expiry_s = 7776000,
 };
 
 static size_t render(void) {
@@ -203,7 +205,26 @@ static void exposition_format(void **state) {
     assert_non_null(strrchr(line, ' '));
   }
   assert_int_equal(helps, types);
-  assert_int_equal(helps, 20);
+  assert_int_equal(helps, 24); /* + upstream probes, outages, outage seconds */
+}
+
+/* Certificate expiry: a sample only for the certificates that are known. */
+static void cert_expiry_only_when_known(void **state) {
+  fs_metrics_sample s = sample;
+  size_t n;
+  (void)state;
+  render();
+  has_line("# TYPE flower_sidecar_cert_expiry_seconds gauge");
+  has_line("flower_sidecar_cert_expiry_seconds{cert=\"server\"} 7776000");
+  no_line_starting("flower_sidecar_cert_expiry_seconds{cert=\"upstream\"}");
+  s.has_server_expiry = 0;
+  s.has_upstream_expiry = 1;
+  s.upstream_expiry_s = -5; /* expired */
+  n = fs_metrics_render(out, sizeof(out), &s);
+  assert_true(n > 0 && n < sizeof(out));
+  out[n] = '\0';
+  has_line("flower_sidecar_cert_expiry_seconds{cert=\"upstream\"} -5");
+  no_line_starting("flower_sidecar_cert_expiry_seconds{cert=\"server\"}");
 }
 
 static void small_buffer_gives_zero(void **state) {
@@ -227,7 +248,7 @@ int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test_setup(counters_after_calls, setup), cmocka_unit_test_setup(histogram_buckets_monotonic, setup),
       cmocka_unit_test_setup(exposition_format, setup),    cmocka_unit_test_setup(small_buffer_gives_zero, setup),
-      cmocka_unit_test_setup(reset_forgets, setup),
+      cmocka_unit_test_setup(reset_forgets, setup),        cmocka_unit_test_setup(cert_expiry_only_when_known, setup),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
