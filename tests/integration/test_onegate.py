@@ -273,3 +273,40 @@ def test_a_failing_onegate_never_touches_health_or_calls(group, tmp_path):
     assert any("Timeout" in e["reason"] or "timed out" in e["reason"] for e in errors), errors
     assert all(e["delay_ms"] <= 1000 * 1.2 + 1 for e in errors), errors  # --backoff-max 1
     wait_for(lambda: og.template(41).get("FL_READY") == "YES", 20, "FL_READY = YES after the faults")
+
+
+def test_a_renewed_ca_is_published_before_it_is_served(group, tmp_path):
+    """The auto-generated CA is renewed while the daemon runs (lifetimes
+    shortened by the test-only FS_TEST_*_LIFETIME_S): the new CA reaches
+    OneGate's FL_CA_CERT first, and only then (the publication succeeded,
+    well before --tls-ca-switch-delay 60) does the listener serve the
+    certificate it signs; no restart."""
+    import ssl as _ssl
+    og = OneGate(group, tmp_path)
+    env = dict(og.add_vm(41, "superlink"), FS_TEST_CERT_LIFETIME_S="9", FS_TEST_CA_LIFETIME_S="30")
+    superlink, up = start_fleet_superlink(group, rounds=1000)
+    link, port, ev = start_link(group, tmp_path, "link", up, env, "--tls-ca-switch-delay", "60")
+    tls = tmp_path / "link-tls"
+    wait_for(lambda: og.template(41).get("FL_READY") == "YES", 15, "FL_READY = YES")
+    ca1 = og.template(41)["FL_CA_CERT"]
+    ann = wait_for(lambda: ev.find("cert.renew", cert="ca"), 40, "the CA renewed")[0]
+    wait_for(lambda: og.template(41).get("FL_CA_CERT") not in (None, ca1), 10, "the new CA published")
+    ca2 = og.template(41)["FL_CA_CERT"]
+    assert ca2 == b64_file(tls / "ca.pem"), "OneGate does not hold the CA in --tls-dir"
+    pubs = [e for e in ev.find("onegate.publish") if ts(e) >= ts(ann)]
+    assert pubs, "no publication after the CA renewal"
+
+    def verifies(ca_b64: str) -> bool:
+        ctx = _ssl.create_default_context(cadata=base64.b64decode(ca_b64).decode())
+        ctx.set_alpn_protocols(["h2"])
+        try:
+            import socket as _socket
+            with ctx.wrap_socket(_socket.create_connection((HOST, port), timeout=5), server_hostname="localhost"):
+                return True
+        except _ssl.SSLError:
+            return False
+    # served once published (not after the 60 s delay), and signed by the new CA
+    wait_for(lambda: verifies(ca2), 10, "the new CA's certificate served")
+    assert time.time() - ts(ann) < 30, "the switch waited for the delay, not for the publication"
+    assert not verifies(ca1)
+    assert link.poll() is None
