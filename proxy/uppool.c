@@ -36,6 +36,7 @@ static struct {
   uv_timer_t probe_timer;
   uint64_t rng; /* xorshift64, for probe jitter */
   uint64_t down_since_ms;
+  unsigned failed_in_a_row; /* attempts and probes since the last SETTINGS */
   char host[256];
   int port;
   char name[300]; /* "host:port" or "[v6]:port", for events and messages */
@@ -149,6 +150,7 @@ static void on_settings(fs_upconn *u) {
   u->ready = 1;
   u->was_ready = 1;
   U.unreachable = 0;
+  U.failed_in_a_row = 0;
   stop_probing();
   U.nconnecting--;
   if (U.o.keepalive) {
@@ -266,8 +268,8 @@ static void conn_closing(fs_h2conn *h, const char *reason) {
 
 static void conn_freed(fs_h2conn *h) {
   fs_upconn *u = upconn_of(h);
-  if (!u->was_ready) U.unreachable = u->unreached; /* an attempt: how it failed decides what follows */
-  else U.unreachable = 0;                          /* a lost connection: one immediate attempt first */
+  if (!u->was_ready) U.unreachable = u->unreached, U.failed_in_a_row++; /* how it failed decides what follows */
+  else U.unreachable = 0; /* a lost connection: one immediate attempt first */
   fs_list_remove(&u->node);
   U.nconns--;
   free(u);
@@ -474,6 +476,7 @@ static void probe_done(probe *p, int status) {
     fs_ev_str(&ev, "result", status == 0 ? "connected" : uv_strerror(status));
     fs_ev_end(&ev);
   }
+  if (status != 0) U.failed_in_a_row++;
   if (status != 0 || fs_env.draining || U.stopped) return; /* the next probe is due anyway */
   stop_probing();
   if (fs_ev_begin(&ev, FS_LOG_INFO, "upstream.reachable")) {
@@ -586,6 +589,7 @@ int fs_uppool_retarget(const char *hostport, SSL_CTX *tls, char *err, size_t err
   SSL_CTX_free(U.o.tls);
   U.o.tls = tls;
   stop_probing();
+  U.failed_in_a_row = 0;
   fs_backoff_reset(&U.backoff);
   uv_timer_stop(&U.reconnect_timer);
   snprintf(U.error, sizeof(U.error), "not connected yet");
@@ -597,7 +601,7 @@ int fs_uppool_retarget(const char *hostport, SSL_CTX *tls, char *err, size_t err
   return 0;
 }
 
-unsigned fs_uppool_failures(void) { return U.up ? 0 : (unsigned)U.backoff.attempt; }
+unsigned fs_uppool_failures(void) { return U.up ? 0 : U.failed_in_a_row; }
 
 int fs_uppool_start(const fs_uppool_options *o, char *err, size_t errlen) {
   const fs_config *cfg = fs_env.cfg;

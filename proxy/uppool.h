@@ -66,7 +66,7 @@ int fs_uppool_retarget(const char *hostport, SSL_CTX *tls, char *err, size_t err
  * probed every --probe-interval (policy.h). */
 int fs_uppool_probing(void);
 
-/* Failed connection attempts in a row while down (0 while up). */
+/* Failed connection attempts and probes in a row while down (0 while up). */
 unsigned fs_uppool_failures(void);
 
 /* Nonzero while down after the upstream announced its going away

@@ -310,3 +310,31 @@ def test_a_renewed_ca_is_published_before_it_is_served(group, tmp_path):
     assert time.time() - ts(ann) < 30, "the switch waited for the delay, not for the publication"
     assert not verifies(ca1)
     assert link.poll() is None
+
+
+def test_a_pinned_ca_wins_and_a_failed_verification_asks_again(group, tmp_path):
+    """FL_SSL_CA_CERTFILE pins the trust: discovery supplies only the
+    address.  A SuperLink that fails verification against the pinned CA is
+    asked about again (it may have been replaced), at backoff pace; the
+    right CA pinned connects."""
+    from conftest import make_ca
+    og = OneGate(group, tmp_path)
+    link_env = og.add_vm(41, "superlink")
+    node_env = og.add_vm(42, "supernode")
+    superlink, up = start_fleet_superlink(group, rounds=1000)
+    link, lport, lev = start_link(group, tmp_path, "link", up, link_env)
+    wrong_ca, _ = make_ca(tmp_path / "wrong", cn="Not the SuperLink's CA")
+    node, nport, nev = start_node(group, tmp_path, dict(node_env, FL_SSL_CA_CERTFILE=str(wrong_ca)))
+    wait_for(lambda: nev.find("onegate.discover"), 15, "a discovery")
+    assert nev.find("onegate.discover")[0]["ca"] == "pinned by --tls-ca"
+    wait_for(lambda: len([r for r in og.log() if r["path"] == "/service" and r["vmid"] == "42"]) >= 2, 15,
+             "a second GET /service after the verification failure")
+    t0 = time.time()
+    time.sleep(4)
+    asks = [r for r in og.log() if r["path"] == "/service" and r["vmid"] == "42" and r["t"] >= t0]
+    assert len(asks) <= 4, f"{len(asks)} GET /service in 4 s: not paced by the backoff"
+    assert not nev.find("upstream.up")
+    procs.stop(node, timeout=15)
+    node2, nport2, nev2 = start_node(group, tmp_path, dict(node_env, FL_SSL_CA_CERTFILE=str(tmp_path / "link-tls" / "ca.pem")),
+                                     name="node2")
+    wait_for(lambda: nev2.find("upstream.up"), 15, "the node with the right pinned CA up")
