@@ -206,7 +206,7 @@ class Sidecar:
 
     def argv(self) -> list[str]:
         return [SIDECAR, self.role, "--listen", f"{HOST}:{self.port}", "--upstream", self.upstream,
-                "--admin", self.admin, "--no-tls", "--backoff-initial", "0.2", "--backoff-max", "0.5",
+                "--admin", self.admin, "--no-tls", "--backoff-initial", "0.2", "--backoff-max", "0.5", "--probe-interval", "0.3",
                 *self.extra]
 
     def start(self) -> "Sidecar":
