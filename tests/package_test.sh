@@ -24,27 +24,32 @@ expect_sidecar=(/usr/sbin/flower-sidecar /lib/systemd/system/flower-sidecar@.ser
   /usr/lib/flower-sidecar/health-check.sh /usr/share/man/man8/flower-sidecar.8.gz
   /usr/share/doc/flower-sidecar/examples/flower-superlink.service)
 expect_probe=(/usr/bin/flower-probe /usr/share/man/man1/flower-probe.1.gz)
-for f in "${expect_sidecar[@]}"; do dpkg -L flower-sidecar | grep -qx "$f" || fail "flower-sidecar lacks $f"; done
-for f in "${expect_probe[@]}"; do dpkg -L flower-probe | grep -qx "$f" || fail "flower-probe lacks $f"; done
-dpkg -L flower-sidecar | grep -q grpc && fail "flower-sidecar ships a gRPC file"
-dpkg -s flower-sidecar | grep '^Depends:' | grep -q grpc && fail "flower-sidecar depends on gRPC (only flower-probe may)"
+# Outputs are captured first: with pipefail, `cmd | grep -q` fails when grep
+# stops reading early and cmd gets SIGPIPE.
+files_sidecar=$(dpkg -L flower-sidecar)
+files_probe=$(dpkg -L flower-probe)
+for f in "${expect_sidecar[@]}"; do grep -qx "$f" <<<"$files_sidecar" || fail "flower-sidecar lacks $f"; done
+for f in "${expect_probe[@]}"; do grep -qx "$f" <<<"$files_probe" || fail "flower-probe lacks $f"; done
+grep -q grpc <<<"$files_sidecar" && fail "flower-sidecar ships a gRPC file"
+grep -q '^Depends:.*grpc' <<<"$(dpkg -s flower-sidecar)" && fail "flower-sidecar depends on gRPC (only flower-probe may)"
 for b in /usr/sbin/flower-sidecar /usr/bin/flower-probe; do
-  ! readelf -S "$b" | grep -q '\.debug_info' || fail "$b is not stripped"
-  readelf -n "$b" | grep -q 'Build ID' || fail "$b has no build id (its -dbgsym package needs it)"
+  ! grep -q '\.debug_info' <<<"$(readelf -S "$b")" || fail "$b is not stripped"
+  grep -q 'Build ID' <<<"$(readelf -n "$b")" || fail "$b has no build id (its -dbgsym package needs it)"
 done
 for f in "${expect_sidecar[@]}" "${expect_probe[@]}"; do [ -e "$f" ] || fail "$f missing on disk"; done
 
 echo "== the installed binaries run"
 v=$(/usr/sbin/flower-sidecar --version)
 [ "$v" = "flower-sidecar $(dpkg-query -W -f='${Version}' flower-sidecar)" ] || fail "--version says '$v'"
-/usr/sbin/flower-sidecar --help | grep -q -- --tls-require-client-cert || fail "--help"
+help=$(/usr/sbin/flower-sidecar --help) # not piped into grep -q: pipefail would see SIGPIPE
+grep -q -- --tls-require-client-cert <<<"$help" || fail "--help"
 rc=0; /usr/bin/flower-probe -addr 127.0.0.1:1 -connect-timeout 1s >/dev/null 2>&1 || rc=$?
 [ "$rc" = 2 ] || fail "flower-probe against a closed port exited $rc, expected 2"
 rc=0; /usr/sbin/flower-sidecar node >/dev/null 2>&1 || rc=$?
 [ "$rc" = 2 ] || fail "flower-sidecar node without an upstream exited $rc, expected 2"
-zcat /usr/share/man/man8/flower-sidecar.8.gz | grep -q "^\.TH FLOWER-SIDECAR 8 .*flower-sidecar $(dpkg-query -W -f='${Version}' flower-sidecar)" ||
-  fail "flower-sidecar.8 does not carry the package version"
-zcat /usr/share/man/man1/flower-probe.1.gz | grep -q '^\.TH FLOWER-PROBE 1' || fail "flower-probe.1"
+grep -q "^\.TH FLOWER-SIDECAR 8 .*flower-sidecar $(dpkg-query -W -f='${Version}' flower-sidecar)" \
+  <<<"$(zcat /usr/share/man/man8/flower-sidecar.8.gz)" || fail "flower-sidecar.8 does not carry the package version"
+grep -q '^\.TH FLOWER-PROBE 1' <<<"$(zcat /usr/share/man/man1/flower-probe.1.gz)" || fail "flower-probe.1"
 
 echo "== systemd-analyze"
 for role in link node; do
