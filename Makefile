@@ -48,7 +48,7 @@ UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
 UNIT_ASAN   := $(patsubst tests/unit/%.c,$(BUILD)/unit-asan/%,$(UNIT_SRC))
 
-.PHONY: format format-check all binaries deps test unit unit-asan integration demo install uninstall deb deb-deps package-test clean bench fuzz fuzz-corpus fuzz-seeds proto-py
+.PHONY: alerts-check format format-check all binaries deps test unit unit-asan integration demo install uninstall deb deb-deps package-test clean bench fuzz fuzz-corpus fuzz-seeds proto-py
 all: binaries proto-py
 binaries: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
 
@@ -142,7 +142,7 @@ integration: all $(BUILD)/flower-sidecar-asan
 
 # Each stage in turn, with its time and the total at the end (tests/stages.sh).
 test: deps
-	@MAKE="$(MAKE)" tests/stages.sh format-check all unit unit-asan fuzz-corpus integration
+	@MAKE="$(MAKE)" tests/stages.sh format-check all unit unit-asan fuzz-corpus alerts-check integration
 
 # libFuzzer (clang) on the Fleet observer, fedstate, the gRPC message
 # splitter and the event logger: tests/fuzz/fuzz_observe.c.  `make fuzz`
@@ -176,6 +176,10 @@ demo: deps
 bench: $(BUILD)/flower-sidecar
 	bench/run
 
+# The Prometheus alert rules: syntax, and promtool's unit tests of them.
+alerts-check:
+	promtool check rules deploy/prometheus/flower-sidecar.rules.yml
+	cd deploy/prometheus && promtool test rules flower-sidecar.rules.test.yml
 # One C style for the whole tree (.clang-format); `make test` checks it.
 FORMAT_SRC = $(wildcard proxy/*.[ch] health/*.[ch] tests/unit/*.[ch] tests/fuzz/*.[ch] bench/*.[ch])
 format:

@@ -464,6 +464,8 @@ static void http_request(aconn *c) {
     smp.serving = current(&reason) == FS_HEALTH_SERVING;
     smp.dropped_lines = fs_log_dropped();
     smp.nodes_active = fs_fed_nodes_active();
+    smp.nodes_offline = fs_fed_nodes_offline();
+    smp.version = fs_version;
     smp.runs = runs;
     smp.n_runs = fs_fed_runs(runs);
     smp.conns_refused = ps->conns_refused;

@@ -109,6 +109,7 @@ void fs_fed_reset(void) {
 }
 
 uint64_t fs_fed_nodes_active(void) { return F.active; }
+uint64_t fs_fed_nodes_offline(void) { return F.offline; }
 int64_t fs_fed_current_round(uint64_t *run_id) {
   *run_id = F.last_round_run;
   return F.last_round;

@@ -86,6 +86,8 @@ void fs_fed_tick(uint64_t now_ms);
 
 /* For metrics. */
 uint64_t fs_fed_nodes_active(void);
+/* Of those, how many are silent for longer than twice their heartbeat interval. */
+uint64_t fs_fed_nodes_offline(void);
 int64_t fs_fed_current_round(uint64_t *run_id);
 
 /* Per run, for the FS_FED_RUNS runs most recently seen (older ones are

@@ -64,6 +64,10 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   out o = {buf, 0, cap, 0};
   int m, st;
   size_t b;
+  if (s->version) {
+    head(&o, "build_info", "gauge", "Always 1; the version in a label.");
+    put(&o, "flower_sidecar_build_info{version=\"%s\"} 1\n", s->version);
+  }
   head(&o, "connections", "gauge", "Downstream connections open now.");
   put(&o, "flower_sidecar_connections %" PRIu64 "\n", s->conns_current);
   head(&o, "connections_total", "counter", "Downstream connections accepted and set up.");
@@ -142,6 +146,9 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
     put(&o, "flower_sidecar_cert_expiry_seconds{cert=\"upstream\"} %.0f\n", s->upstream_expiry_s);
   head(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.");
   put(&o, "flower_sidecar_nodes_active %" PRIu64 "\n", s->nodes_active);
+  head(&o, "nodes_offline", "gauge",
+       "Active SuperNodes silent for more than twice their heartbeat interval (link role, node.offline).");
+  put(&o, "flower_sidecar_nodes_offline %" PRIu64 "\n", s->nodes_offline);
   head(&o, "run_round", "gauge", "Latest server round of each recent run (-1: none seen).");
   for (b = 0; b < s->n_runs; b++)
     put(&o, "flower_sidecar_run_round{run_id=\"%" PRIu64 "\"} %" PRId64 "\n", s->runs[b].run_id, s->runs[b].round);

@@ -27,6 +27,8 @@ typedef struct fs_metrics_sample {
   int serving;
   uint64_t dropped_lines;
   uint64_t nodes_active;
+  uint64_t nodes_offline;
+  const char *version;    /* build_info; NULL: not rendered */
   const fs_fed_run *runs; /* most recent first */
   size_t n_runs;
   uint64_t calls_held, calls_failed_down, retries, pings;

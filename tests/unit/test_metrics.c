@@ -205,7 +205,22 @@ static void exposition_format(void **state) {
     assert_non_null(strrchr(line, ' '));
   }
   assert_int_equal(helps, types);
-  assert_int_equal(helps, 24); /* + upstream probes, outages, outage seconds */
+  assert_int_equal(helps, 25); /* + upstream probes, outages, outage seconds, nodes offline */
+}
+
+/* build_info carries the version; nodes_offline the sample's count. */
+static void build_info_and_nodes_offline(void **state) {
+  static char buf[256 * 1024];
+  fs_metrics_sample smp;
+  (void)state;
+  memset(&smp, 0, sizeof(smp));
+  smp.nodes_offline = 3;
+  assert_true(fs_metrics_render(buf, sizeof(buf), &smp) > 0);
+  assert_null(strstr(buf, "build_info"));
+  assert_non_null(strstr(buf, "\nflower_sidecar_nodes_offline 3\n"));
+  smp.version = "9.8.7";
+  assert_true(fs_metrics_render(buf, sizeof(buf), &smp) > 0);
+  assert_non_null(strstr(buf, "\nflower_sidecar_build_info{version=\"9.8.7\"} 1\n"));
 }
 
 /* Certificate expiry: a sample only for the certificates that are known. */
@@ -246,9 +261,13 @@ static void reset_forgets(void **state) {
 
 int main(void) {
   const struct CMUnitTest tests[] = {
-      cmocka_unit_test_setup(counters_after_calls, setup), cmocka_unit_test_setup(histogram_buckets_monotonic, setup),
-      cmocka_unit_test_setup(exposition_format, setup),    cmocka_unit_test_setup(small_buffer_gives_zero, setup),
-      cmocka_unit_test_setup(reset_forgets, setup),        cmocka_unit_test_setup(cert_expiry_only_when_known, setup),
+      cmocka_unit_test_setup(counters_after_calls, setup),
+      cmocka_unit_test_setup(histogram_buckets_monotonic, setup),
+      cmocka_unit_test_setup(exposition_format, setup),
+      cmocka_unit_test_setup(small_buffer_gives_zero, setup),
+      cmocka_unit_test_setup(reset_forgets, setup),
+      cmocka_unit_test_setup(cert_expiry_only_when_known, setup),
+      cmocka_unit_test_setup(build_info_and_nodes_offline, setup),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
