@@ -76,14 +76,15 @@ typedef struct fs_leg {
 struct fs_call {
   fs_leg leg[2];
   fs_flow fl[2];
-  fs_hdrs head[2];     /* request headers until sent upstream (kept for a repeat); response headers */
-  nghttp2_rcbuf *path; /* kept for events */
-  fs_obs *obs;         /* Fleet observation, NULL for other methods */
-  uint64_t node_id;    /* the node the request named (observed), 0 unknown */
-  uint64_t bytes[2];   /* gRPC payload bytes received on each leg */
-  uint8_t method;      /* fs_fleet_method */
-  uint8_t ended;       /* fs_call_end() ran */
-  uint64_t t_start;
+  fs_hdrs head[2];      /* request headers until sent upstream (kept for a repeat); response headers */
+  nghttp2_rcbuf *path;  /* kept for events */
+  fs_obs *obs;          /* Fleet observation, NULL for other methods */
+  uint64_t node_id;     /* the node the request named (observed), 0 unknown */
+  uint64_t bytes[2];    /* gRPC payload bytes received on each leg */
+  uint8_t method;       /* fs_fleet_method */
+  uint8_t ended;        /* fs_call_end() ran */
+  uint64_t t_start;     /* loop clock, ms: holds and deadlines */
+  uint64_t t_start_us;  /* monotonic, µs: the call's duration in /metrics */
   fs_list_node qnode;   /* waiting: in the hold queue (no connection yet), or in its upstream connection's
                            unsent list (leg[FS_UP] attached with sid 0 until the connection's flush) */
   uint64_t hold_until;  /* queued: wait for an upstream until then; 0 = fail when none can be had */

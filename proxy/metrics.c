@@ -9,9 +9,11 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Call duration buckets, seconds: Fleet calls range from sub-millisecond
- * heartbeats to multi-second object transfers. */
-static const double buckets[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30};
+/* Call duration buckets, seconds, from durations measured in microseconds:
+ * Fleet calls range from sub-millisecond heartbeats on loopback to
+ * multi-second object transfers. */
+static const double buckets[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                 0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30};
 #define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
 
 static struct {
@@ -24,8 +26,8 @@ static struct {
 
 void fs_metrics_reset(void) { memset(&M, 0, sizeof(M)); }
 
-void fs_metrics_call(fs_fleet_method m, int status, uint64_t duration_ms, uint64_t bytes_in, uint64_t bytes_out) {
-  double s = (double)duration_ms / 1000.0;
+void fs_metrics_call(fs_fleet_method m, int status, uint64_t duration_us, uint64_t bytes_in, uint64_t bytes_out) {
+  double s = (double)duration_us / 1e6;
   size_t b;
   if ((int)m < 0 || m >= FS_FLEET_METHODS) m = FS_FLEET_NONE;
   if (status < 0 || status >= FS_GRPC_NSTATUS) status = FS_GRPC_UNKNOWN;
@@ -111,6 +113,31 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
         M.hist_count[m]);
     put(&o, "flower_sidecar_call_duration_seconds_sum{method=\"%s\"} %.6f\n", name, M.hist_sum[m]);
     put(&o, "flower_sidecar_call_duration_seconds_count{method=\"%s\"} %" PRIu64 "\n", name, M.hist_count[m]);
+  }
+  /* The same, under the names of go-grpc-prometheus / grpc-ecosystem, so
+   * existing gRPC dashboards work (all Fleet methods are unary). */
+  put(&o, "# HELP grpc_server_handled_total Calls finished, by method and gRPC status (grpc-ecosystem names).\n"
+          "# TYPE grpc_server_handled_total counter\n");
+  for (m = 0; m < FS_FLEET_METHODS; m++)
+    for (st = 0; st < FS_GRPC_NSTATUS; st++)
+      if (M.calls[m][st] || (st == 0 && m > 0))
+        put(&o,
+            "grpc_server_handled_total{grpc_type=\"%s\",grpc_service=\"%s\",grpc_method=\"%s\",grpc_code=\"%s\"} "
+            "%" PRIu64 "\n",
+            m ? "unary" : "unknown", m ? "flwr.proto.Fleet" : "unknown",
+            m ? fs_fleet_method_name((fs_fleet_method)m) : "unknown", fs_grpc_status_name(st), M.calls[m][st]);
+  put(&o, "# HELP grpc_server_handling_seconds Call duration (grpc-ecosystem names).\n"
+          "# TYPE grpc_server_handling_seconds histogram\n");
+  for (m = 0; m < FS_FLEET_METHODS; m++) {
+    char lbl[160];
+    if (!M.hist_count[m] && m == 0) continue;
+    snprintf(lbl, sizeof(lbl), "grpc_type=\"%s\",grpc_service=\"%s\",grpc_method=\"%s\"", m ? "unary" : "unknown",
+             m ? "flwr.proto.Fleet" : "unknown", m ? fs_fleet_method_name((fs_fleet_method)m) : "unknown");
+    for (b = 0; b < NBUCKETS; b++)
+      put(&o, "grpc_server_handling_seconds_bucket{%s,le=\"%g\"} %" PRIu64 "\n", lbl, buckets[b], M.hist[m][b]);
+    put(&o, "grpc_server_handling_seconds_bucket{%s,le=\"+Inf\"} %" PRIu64 "\n", lbl, M.hist_count[m]);
+    put(&o, "grpc_server_handling_seconds_sum{%s} %.6f\n", lbl, M.hist_sum[m]);
+    put(&o, "grpc_server_handling_seconds_count{%s} %" PRIu64 "\n", lbl, M.hist_count[m]);
   }
   head(&o, "bytes_total", "counter", "gRPC payload bytes carried, by method; in = from the client, out = to it.");
   for (m = 0; m < FS_FLEET_METHODS; m++) {

@@ -14,9 +14,10 @@
 #include "fleet.h"
 
 /* A call ended with gRPC |status| (0..16; anything else counts as UNKNOWN)
- * after |duration_ms|, having carried |bytes_in| from the client and
- * |bytes_out| to it. */
-void fs_metrics_call(fs_fleet_method m, int status, uint64_t duration_ms, uint64_t bytes_in, uint64_t bytes_out);
+ * after |duration_us| microseconds, having carried |bytes_in| from the
+ * client and |bytes_out| to it.  Rendered under the sidecar's names and the
+ * grpc-ecosystem ones (grpc_server_handled_total, grpc_server_handling_seconds). */
+void fs_metrics_call(fs_fleet_method m, int status, uint64_t duration_us, uint64_t bytes_in, uint64_t bytes_out);
 
 /* Gauges and counters owned by other modules, sampled when rendering. */
 typedef struct fs_metrics_sample {

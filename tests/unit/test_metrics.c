@@ -66,12 +66,14 @@ static int setup(void **state) {
 
 static void counters_after_calls(void **state) {
   (void)state;
-  fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 3, 100, 200);
-  fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 2, 10, 20);
-  fs_metrics_call(FS_FLEET_PUSH_OBJECT, 14, 2000, 5000000, 7);
-  fs_metrics_call(FS_FLEET_PUSH_OBJECT, 0, 40000, 1, 2); /* beyond the last bucket */
-  fs_metrics_call(FS_FLEET_GET_RUN, 99, 1, 0, 0);        /* not a gRPC status: UNKNOWN */
-  fs_metrics_call(FS_FLEET_NONE, 5, 0, 7, 8);            /* a non-Fleet call */
+  /* durations in microseconds */
+  fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 3000, 100, 200);
+  fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 2000, 10, 20);
+  fs_metrics_call(FS_FLEET_PUSH_OBJECT, 14, 2000000, 5000000, 7);
+  fs_metrics_call(FS_FLEET_PUSH_OBJECT, 0, 40000000, 1, 2);    /* beyond the last bucket */
+  fs_metrics_call(FS_FLEET_GET_RUN, 99, 1000, 0, 0);           /* not a gRPC status: UNKNOWN */
+  fs_metrics_call(FS_FLEET_NONE, 5, 0, 7, 8);                  /* a non-Fleet call */
+  fs_metrics_call(FS_FLEET_SEND_NODE_HEARTBEAT, 0, 150, 1, 1); /* 150 µs: below a millisecond */
   render();
   has_line("# TYPE flower_sidecar_calls_total counter");
   has_line("flower_sidecar_calls_total{method=\"PullMessages\",status=\"OK\"} 2");
@@ -102,6 +104,20 @@ static void counters_after_calls(void **state) {
   has_line("flower_sidecar_call_duration_seconds_bucket{method=\"PushObject\",le=\"+Inf\"} 2");
   /* a bucket's bound is inclusive: 1 ms is in le="0.001" */
   has_line("flower_sidecar_call_duration_seconds_bucket{method=\"GetRun\",le=\"0.001\"} 1");
+  /* microseconds, not milliseconds: 150 µs is neither 0 nor 1 ms */
+  has_line("flower_sidecar_call_duration_seconds_bucket{method=\"SendNodeHeartbeat\",le=\"0.0001\"} 0");
+  has_line("flower_sidecar_call_duration_seconds_bucket{method=\"SendNodeHeartbeat\",le=\"0.00025\"} 1");
+  has_line("flower_sidecar_call_duration_seconds_sum{method=\"SendNodeHeartbeat\"} 0.000150");
+
+  /* the grpc-ecosystem names, for existing gRPC dashboards */
+  has_line("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method="
+           "\"PushObject\",grpc_code=\"UNAVAILABLE\"} 1");
+  has_line("grpc_server_handled_total{grpc_type=\"unknown\",grpc_service=\"unknown\",grpc_method=\"unknown\","
+           "grpc_code=\"NOT_FOUND\"} 1");
+  has_line("grpc_server_handling_seconds_bucket{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method="
+           "\"PullMessages\",le=\"0.0025\"} 1");
+  has_line("grpc_server_handling_seconds_count{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method="
+           "\"PullMessages\"} 2");
 
   has_line("flower_sidecar_connections 3");
   has_line("flower_sidecar_connections_total 17");
@@ -140,7 +156,7 @@ static void histogram_buckets_monotonic(void **state) {
   (void)state;
   for (i = 0; i < sizeof(ms) / sizeof(ms[0]); i++)
     for (j = 0; j < sizeof(durations) / sizeof(durations[0]); j++)
-      if ((i + j) % 3) fs_metrics_call(ms[i], (int)(j % 17), durations[j], j, i);
+      if ((i + j) % 3) fs_metrics_call(ms[i], (int)(j % 17), durations[j] * 1000, j, i); /* ms -> µs */
   render();
   for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
     char method[64], le[32];
@@ -159,7 +175,7 @@ static void histogram_buckets_monotonic(void **state) {
       buckets++;
       if (!strcmp(le, "+Inf")) {
         inf = v;
-        assert_int_equal(buckets, 15);
+        assert_int_equal(buckets, 18); /* 17 bounds from 100 µs to 30 s, and +Inf */
       } else {
         double d = strtod(le, NULL);
         assert_true(d > last_le);
@@ -182,7 +198,7 @@ static void exposition_format(void **state) {
   char family[128] = "";
   int helps = 0, types = 0;
   (void)state;
-  fs_metrics_call(FS_FLEET_GET_FAB, 0, 12, 3, 4);
+  fs_metrics_call(FS_FLEET_GET_FAB, 0, 12000, 3, 4);
   render();
   assert_int_equal(out[strlen(out) - 1], '\n');
   for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
@@ -201,11 +217,11 @@ static void exposition_format(void **state) {
       continue;
     }
     assert_int_equal(strncmp(line, family, strlen(family)), 0);
-    assert_true(!strncmp(line, "flower_sidecar_", 15));
+    assert_true(!strncmp(line, "flower_sidecar_", 15) || !strncmp(line, "grpc_server_", 12));
     assert_non_null(strrchr(line, ' '));
   }
   assert_int_equal(helps, types);
-  assert_int_equal(helps, 25); /* + upstream probes, outages, outage seconds, nodes offline */
+  assert_int_equal(helps, 27); /* + probes, outages, outage seconds, nodes offline, 2 grpc-ecosystem families */
 }
 
 /* build_info carries the version; nodes_offline the sample's count. */
@@ -251,7 +267,7 @@ static void small_buffer_gives_zero(void **state) {
 
 static void reset_forgets(void **state) {
   (void)state;
-  fs_metrics_call(FS_FLEET_PULL_OBJECT, 0, 1, 1, 1);
+  fs_metrics_call(FS_FLEET_PULL_OBJECT, 0, 1000, 1, 1);
   fs_metrics_reset();
   render();
   has_line("flower_sidecar_calls_total{method=\"PullObject\",status=\"OK\"} 0");
