@@ -70,7 +70,13 @@ $(PYGEN)/%_pb2.py: proto/%.proto
 
 proto-py: $(PROTO_PY)
 
-$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
+# The federation page (GET / on the admin port) as one C string literal,
+# for proxy/fedpage.c: backslashes, quotes and '?' (trigraphs) escaped.
+$(GEN)/fedpage.inc: proxy/fedpage.html
+	@mkdir -p $(GEN)
+	sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/?/\\?/g' -e 's/^/"/' -e 's/$$/\\n"/' $< > $@.tmp && mv $@.tmp $@
+
+$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H) $(GEN)/fedpage.inc
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
@@ -81,7 +87,7 @@ $(BUILD)/obj/%.pb-c.o: $(GEN)/%.pb-c.c $(PROTO_H)
 $(BUILD)/libsidecar.a: $(PROXY_OBJ) $(PROTO_OBJ)
 	rm -f $@; ar rcs $@ $^
 
-$(BUILD)/obj-asan/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
+$(BUILD)/obj-asan/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H) $(GEN)/fedpage.inc
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE $(WARN) $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
 
@@ -143,7 +149,7 @@ test: deps
 # `make fuzz-seeds` rebuilds the seeds from the emulator's protos.
 FUZZ_CC   ?= clang
 FUZZ_TIME ?= 60
-FUZZ_SRC  := proxy/observe.c proxy/fedstate.c proxy/fleet.c proxy/grpcmsg.c proxy/grpc.c proxy/log.c proxy/ratelimit.c $(GEN)/fleet.pb-c.c
+FUZZ_SRC  := proxy/observe.c proxy/fedstate.c proxy/fedview.c proxy/metricrec.c proxy/fleet.c proxy/grpcmsg.c proxy/grpc.c proxy/log.c proxy/ratelimit.c $(GEN)/fleet.pb-c.c
 
 $(BUILD)/fuzz_observe: tests/fuzz/fuzz_observe.c $(FUZZ_SRC) $(PROTO_H) $(wildcard proxy/*.h)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \

@@ -78,13 +78,15 @@ fs_call *fs_call_new(void) {
   fs_bufq_init(&c->replay, fs_env.cfg->retry_buffer);
   c->replay_on = fs_env.cfg->retry_buffer > 0;
   c->t_start = fs_now_ms();
+  c->t_start_us = uv_hrtime() / 1000;
   return c;
 }
 
 void fs_call_end(fs_call *c, int status) {
   if (c->ended) return;
   c->ended = 1;
-  fs_metrics_call((fs_fleet_method)c->method, status, fs_now_ms() - c->t_start, c->bytes[FS_DOWN], c->bytes[FS_UP]);
+  fs_metrics_call((fs_fleet_method)c->method, status, uv_hrtime() / 1000 - c->t_start_us, c->bytes[FS_DOWN],
+                  c->bytes[FS_UP]);
   if (c->obs) {
     c->node_id = fs_obs_node_id(c->obs); /* for rpc.error, logged after */
     fs_obs_finish(c->obs, status);

@@ -84,6 +84,7 @@ struct fs_call {
   uint8_t method;      /* fs_fleet_method */
   uint8_t ended;       /* fs_call_end() ran */
   uint64_t t_start;
+  uint64_t t_start_us;  /* uv_hrtime() / 1000 at the start, for the duration histogram */
   fs_list_node qnode;   /* waiting: in the hold queue (no connection yet), or in its upstream connection's
                            unsent list (leg[FS_UP] attached with sid 0 until the connection's flush) */
   uint64_t hold_until;  /* queued: wait for an upstream until then; 0 = fail when none can be had */

@@ -9,10 +9,6 @@
 #include <string.h>
 #include <strings.h>
 
-#ifndef FS_VERSION
-#define FS_VERSION "0.1.0"
-#endif
-
 enum {
   OPT_LISTEN = 256,
   OPT_UPSTREAM,

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -333,6 +334,22 @@ out:
 
 /* --- contexts ----------------------------------------------------------- */
 
+static int64_t not_after[2];
+
+int64_t fs_tls_cert_not_after(int client) { return not_after[client ? 1 : 0]; }
+
+/* Remembers the notAfter of the certificate |ctx| presents. */
+static void note_not_after(SSL_CTX *ctx, int client) {
+  X509 *x = SSL_CTX_get0_certificate(ctx);
+  const ASN1_TIME *t = x ? X509_get0_notAfter(x) : NULL;
+  struct tm tm;
+  time_t v;
+  not_after[client] = 0;
+  memset(&tm, 0, sizeof(tm));
+  if (!t || ASN1_TIME_to_tm(t, &tm) != 1 || (v = timegm(&tm)) == (time_t)-1) return;
+  not_after[client] = (int64_t)v;
+}
+
 static SSL_CTX *base_ctx(const SSL_METHOD *m) {
   SSL_CTX *ctx = SSL_CTX_new(m);
   if (!ctx) return NULL;
@@ -452,6 +469,7 @@ SSL_CTX *fs_tls_server_ctx(const fs_config *cfg, char *err, size_t errlen) {
     }
     SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
   }
+  note_not_after(ctx, 0);
   if (fs_ev_begin(&ev, FS_LOG_INFO, "tls.ready")) {
     if (cfg->tls_cert) {
       char v[300];
@@ -503,6 +521,7 @@ SSL_CTX *fs_tls_client_ctx(const fs_config *cfg, char *err, size_t errlen) {
       goto fail;
     if (use_pem_pair(ctx, cert, key, err, errlen) < 0) goto fail;
   }
+  note_not_after(ctx, 1);
   free(ca);
   free(cert);
   free(key);

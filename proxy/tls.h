@@ -11,6 +11,7 @@
 
 #include <openssl/ssl.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "config.h"
 
@@ -32,6 +33,11 @@ SSL_CTX *fs_tls_client_ctx(const fs_config *cfg, char *err, size_t errlen);
 /* Nonzero when the client of |ssl| offered ALPN but not "h2", or offered
  * none: set by the ALPN callback so the failure can be logged clearly. */
 int fs_tls_alpn_refused(const SSL *ssl);
+
+/* The notAfter (Unix time) of the certificate the last context built
+ * with fs_tls_server_ctx() (|client| 0) or fs_tls_client_ctx() (|client|
+ * 1) presents; 0 when it has none. */
+int64_t fs_tls_cert_not_after(int client);
 
 /* The most recent OpenSSL error as text (a static buffer), or |fallback|. */
 const char *fs_tls_error_string(const char *fallback);
