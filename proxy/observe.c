@@ -352,7 +352,8 @@ static void emit_object(const fs_obs *o, int push) {
     if (walk_object(o, 1, &w, 0) < 0) return;
   }
   fs_fed_node_seen(now(), node_id);
-  fs_view_run_seen(now(), run_id);
+  /* A cut request tells nothing reliable about its run. */
+  if (!push || o->d[0].done) fs_view_run_seen(now(), run_id);
   /* A reply's metrics, counted in its round before the push that may end
    * the round is. */
   if (push && !strcmp(w.type, "MetricRecord") && w.body_len == w.body_declared)

@@ -8,15 +8,24 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "config.h"
 #include "fleet.h"
 #include "metrics.h"
 
 static char out[256 * 1024];
 
 static const fs_fed_run runs[2] = {
-    {.run_id = 18446744073709551615ull, .round = 3, .instructions = 6, .replies = 5, .error_replies = 1, .last_ms = 9},
+    {.run_id = 18446744073709551615ull,
+     .round = 3,
+     .instructions = 6,
+     .replies = 5,
+     .error_replies = 1,
+     .last_ms = 9,
+     .open_since_ms = 500},
     {.run_id = 42, .round = -1, .instructions = 0, .replies = 0, .error_replies = 0, .last_ms = 1},
 };
+
+static const uint64_t node_states[FS_NODE_NSTATES] = {4, 3, 2, 1};
 
 static const fs_metrics_sample sample = {
     .conns_current = 3,
@@ -34,6 +43,9 @@ static const fs_metrics_sample sample = {
     .retries = 2,
     .pings = 11,
     .ping_rtt_s = 0.0125,
+    .now_ms = 2750,
+    .node_states = node_states,
+    .cert_not_after = {1798761600, 0},
 };
 
 static size_t render(void) {
@@ -64,12 +76,15 @@ static int setup(void **state) {
 
 static void counters_after_calls(void **state) {
   (void)state;
-  fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 3, 100, 200);
-  fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 2, 10, 20);
-  fs_metrics_call(FS_FLEET_PUSH_OBJECT, 14, 2000, 5000000, 7);
-  fs_metrics_call(FS_FLEET_PUSH_OBJECT, 0, 40000, 1, 2); /* beyond the last bucket */
-  fs_metrics_call(FS_FLEET_GET_RUN, 99, 1, 0, 0);        /* not a gRPC status: UNKNOWN */
-  fs_metrics_call(FS_FLEET_NONE, 5, 0, 7, 8);            /* a non-Fleet call */
+  /* durations in microseconds */
+  fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 3000, 100, 200);
+  fs_metrics_call(FS_FLEET_PULL_MESSAGES, 0, 2000, 10, 20);
+  fs_metrics_call(FS_FLEET_PUSH_OBJECT, 14, 2000000, 5000000, 7);
+  fs_metrics_call(FS_FLEET_PUSH_OBJECT, 0, 40000000, 1, 2);    /* beyond the last bucket */
+  fs_metrics_call(FS_FLEET_GET_RUN, 99, 1000, 0, 0);           /* not a gRPC status: UNKNOWN */
+  fs_metrics_call(FS_FLEET_NONE, 5, 0, 7, 8);                  /* a non-Fleet call */
+  fs_metrics_call(FS_FLEET_SEND_NODE_HEARTBEAT, 0, 180, 0, 0); /* 0.18 ms: a millisecond clock would say 0 */
+  fs_metrics_call(FS_FLEET_SEND_NODE_HEARTBEAT, 0, 1, 0, 0);
   render();
   has_line("# TYPE flower_sidecar_calls_total counter");
   has_line("flower_sidecar_calls_total{method=\"PullMessages\",status=\"OK\"} 2");
@@ -120,6 +135,40 @@ static void counters_after_calls(void **state) {
   has_line("flower_sidecar_run_messages_total{run_id=\"18446744073709551615\",kind=\"reply\"} 5");
   has_line("flower_sidecar_run_messages_total{run_id=\"18446744073709551615\",kind=\"error_reply\"} 1");
   has_line("flower_sidecar_run_messages_total{run_id=\"42\",kind=\"reply\"} 0");
+
+  /* sub-millisecond calls land in sub-millisecond buckets, the sum keeps microseconds */
+  has_line("flower_sidecar_call_duration_seconds_bucket{method=\"SendNodeHeartbeat\",le=\"0.0001\"} 1");
+  has_line("flower_sidecar_call_duration_seconds_bucket{method=\"SendNodeHeartbeat\",le=\"0.00025\"} 2");
+  has_line("flower_sidecar_call_duration_seconds_sum{method=\"SendNodeHeartbeat\"} 0.000181");
+  /* the same calls under the grpc-ecosystem names */
+  has_line("# TYPE grpc_server_handled_total counter");
+  has_line(
+      "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method=\"PullMessages\","
+      "grpc_code=\"OK\"} 2");
+  has_line("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method=\"PushObject\","
+           "grpc_code=\"Unavailable\"} 1");
+  has_line("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method=\"GetRun\","
+           "grpc_code=\"Unknown\"} 1");
+  has_line("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"other\",grpc_method=\"other\","
+           "grpc_code=\"NotFound\"} 1");
+  has_line("# TYPE grpc_server_handling_seconds histogram");
+  has_line("grpc_server_handling_seconds_bucket{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\","
+           "grpc_method=\"PushObject\",le=\"2.5\"} 1");
+  has_line("grpc_server_handling_seconds_count{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\","
+           "grpc_method=\"PushObject\"} 2");
+  has_line("grpc_server_handling_seconds_sum{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\","
+           "grpc_method=\"PushObject\"} 42.000000");
+
+  has_line("flower_sidecar_build_info{version=\"" FS_VERSION "\"} 1");
+  has_line("flower_sidecar_nodes{state=\"active\"} 4");
+  has_line("flower_sidecar_nodes{state=\"late\"} 3");
+  has_line("flower_sidecar_nodes{state=\"offline\"} 2");
+  has_line("flower_sidecar_nodes{state=\"deactivated\"} 1");
+  has_line("flower_sidecar_tls_cert_not_after_seconds{cert=\"server\"} 1798761600");
+  no_line_starting("flower_sidecar_tls_cert_not_after_seconds{cert=\"client\"}");
+  /* the open round of the first run started at 500, now is 2750; the other run has none */
+  has_line("flower_sidecar_run_round_open_seconds{run_id=\"18446744073709551615\"} 2.250");
+  no_line_starting("flower_sidecar_run_round_open_seconds{run_id=\"42\"}");
 }
 
 /* For every histogram series: buckets in increasing le, counts never
@@ -127,8 +176,11 @@ static void counters_after_calls(void **state) {
 static void histogram_buckets_monotonic(void **state) {
   static const fs_fleet_method ms[] = {FS_FLEET_REGISTER_NODE, FS_FLEET_PULL_MESSAGES, FS_FLEET_PULL_OBJECT,
                                        FS_FLEET_SEND_NODE_HEARTBEAT, FS_FLEET_NONE};
-  static const uint64_t durations[] = {0,   1,   2,    3,    7,    10,   24,   26,    99,    100,   101,
-                                       250, 999, 1000, 1001, 4999, 5000, 9999, 29999, 30000, 30001, 3600000};
+  /* microseconds */
+  static const uint64_t durations[] = {0,       1,       99,       100,      101,      250,          251,     999,
+                                       1000,    1001,    2000,     3000,     7000,     10000,        24000,   26000,
+                                       99000,   100000,  101000,   250000,   999000,   1000000,      1000001, 4999000,
+                                       5000000, 9999000, 29999000, 30000000, 30000001, 3600000000ull};
   char *line, *save = NULL;
   char cur[64] = "";
   double last_le = -1;
@@ -157,7 +209,7 @@ static void histogram_buckets_monotonic(void **state) {
       buckets++;
       if (!strcmp(le, "+Inf")) {
         inf = v;
-        assert_int_equal(buckets, 15);
+        assert_int_equal(buckets, 18);
       } else {
         double d = strtod(le, NULL);
         assert_true(d > last_le);
@@ -180,12 +232,13 @@ static void exposition_format(void **state) {
   char family[128] = "";
   int helps = 0, types = 0;
   (void)state;
-  fs_metrics_call(FS_FLEET_GET_FAB, 0, 12, 3, 4);
+  fs_metrics_call(FS_FLEET_GET_FAB, 0, 12000, 3, 4);
   render();
   assert_int_equal(out[strlen(out) - 1], '\n');
   for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
     char name[128], type[32];
     if (!strncmp(line, "# HELP ", 7)) {
+      assert_int_equal(strncmp(line, "# HELP flower_sidecar_", 22) && strncmp(line, "# HELP grpc_server_", 19), 0);
       assert_int_equal(sscanf(line, "# HELP %127s", name), 1);
       snprintf(family, sizeof(family), "%s", name);
       helps++;
@@ -199,11 +252,11 @@ static void exposition_format(void **state) {
       continue;
     }
     assert_int_equal(strncmp(line, family, strlen(family)), 0);
-    assert_true(!strncmp(line, "flower_sidecar_", 15));
+    assert_true(!strncmp(line, "flower_sidecar_", 15) || !strncmp(line, "grpc_server_", 12));
     assert_non_null(strrchr(line, ' '));
   }
   assert_int_equal(helps, types);
-  assert_int_equal(helps, 20);
+  assert_int_equal(helps, 26);
 }
 
 static void small_buffer_gives_zero(void **state) {
