@@ -44,7 +44,7 @@ UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
 UNIT_ASAN   := $(patsubst tests/unit/%.c,$(BUILD)/unit-asan/%,$(UNIT_SRC))
 
-.PHONY: format format-check all deps test unit unit-asan integration demo install clean bench fuzz fuzz-corpus fuzz-seeds proto-py
+.PHONY: format format-check all deps test unit unit-asan integration deploy-check demo install clean bench fuzz fuzz-corpus fuzz-seeds proto-py
 all: $(BUILD)/flower-sidecar $(BUILD)/flower-probe proto-py
 
 deps:
@@ -140,7 +140,15 @@ integration: all $(BUILD)/flower-sidecar-asan
 
 # Each stage in turn, with its time and the total at the end (tests/stages.sh).
 test: deps
-	@MAKE="$(MAKE)" tests/stages.sh format-check all unit unit-asan fuzz-corpus integration
+	@MAKE="$(MAKE)" tests/stages.sh format-check all unit unit-asan fuzz-corpus deploy-check integration
+
+# The operator kit in deploy/: the alert rules parse and pass their
+# promtool unit tests; the Grafana dashboard is JSON whose queries parse
+# and name documented metrics (tests/deploy/check_dashboard.py).
+deploy-check:
+	promtool check rules deploy/prometheus/flower-sidecar.rules.yml
+	cd deploy/prometheus && promtool test rules flower-sidecar.rules.test.yml
+	/usr/bin/python3 tests/deploy/check_dashboard.py
 
 # libFuzzer (clang) on the Fleet observer, fedstate, the gRPC message
 # splitter and the event logger: tests/fuzz/fuzz_observe.c.  `make fuzz`
