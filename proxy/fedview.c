@@ -229,15 +229,18 @@ static vphase *phase_find(uint64_t serial, vrun **run) {
   return NULL;
 }
 
-/* A metric key as an event field name: [A-Za-z0-9_-], others '_'. */
+/* A metric key as an event field name, flat snake_case as every event
+ * field: "metric_" and the key lowercased, characters other than [a-z0-9_]
+ * replaced by '_' ("train-loss" -> "metric_train_loss"). */
 static void field_name(char *out, size_t cap, const char *key) {
   size_t i, o = 0;
-  static const char prefix[] = "metric.";
+  static const char prefix[] = "metric_";
   memcpy(out, prefix, sizeof(prefix) - 1);
   o = sizeof(prefix) - 1;
   for (i = 0; key[i] && o + 1 < cap; i++) {
     char c = key[i];
-    out[o++] = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ? c : '_';
+    if (c >= 'A' && c <= 'Z') c = (char)(c - 'A' + 'a');
+    out[o++] = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') ? c : '_';
   }
   out[o] = '\0';
 }

@@ -228,15 +228,15 @@ static void round_metrics_aggregated(void **state) {
   assert_field_eq(l, "message_type", "train");
   assert_field_eq(l, "replies", "2");
   assert_field_eq(l, "examples", "40");
-  assert_field_eq(l, "metric.train-loss", "0.312500000");
-  assert_field_eq(l, "metric.num-examples", "20.000000000"); /* the weight itself: plain mean */
+  assert_field_eq(l, "metric_train_loss", "0.312500000");
+  assert_field_eq(l, "metric_num_examples", "20.000000000"); /* the weight itself: plain mean */
 
   fs_view_round_start(1300, RUN, 2, 1, "evaluate");
   fs_view_metrics(2, body, build(c, 1));
   fs_view_metrics(2, body, build(a, 3));
   fs_view_round_end(1400, 2, &two_replies);
   l = cap_find("round.metrics", 1);
-  assert_field_eq(l, "metric.eval_acc_x", "0.750000000"); /* field name made safe */
+  assert_field_eq(l, "metric_eval_acc_x", "0.750000000"); /* field name made safe */
 
   doc = render(1500, 1 << 20, &len);
   assert_non_null(doc);
