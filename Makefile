@@ -48,7 +48,7 @@ UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
 UNIT_ASAN   := $(patsubst tests/unit/%.c,$(BUILD)/unit-asan/%,$(UNIT_SRC))
 
-.PHONY: alerts-check format format-check all binaries deps test unit unit-asan integration demo install uninstall deb deb-deps package-test clean bench fuzz fuzz-corpus fuzz-seeds proto-py
+.PHONY: deploy-check format format-check all binaries deps test unit unit-asan integration demo install uninstall deb deb-deps package-test clean bench fuzz fuzz-corpus fuzz-seeds proto-py
 all: binaries proto-py
 binaries: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
 
@@ -75,7 +75,13 @@ $(PYGEN)/%_pb2.py: proto/%.proto
 
 proto-py: $(PROTO_PY)
 
-$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
+# The federation page (GET / on the admin port) as one C string literal,
+# for proxy/fedpage.c: backslashes, quotes and '?' (trigraphs) escaped.
+$(GEN)/fedpage.inc: proxy/fedpage.html
+	@mkdir -p $(GEN)
+	sed -e 's/\\/\\\\/g' -e 's/"/\\"/g' -e 's/?/\\?/g' -e 's/^/"/' -e 's/$$/\\n"/' $< > $@.tmp && mv $@.tmp $@
+
+$(BUILD)/obj/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H) $(GEN)/fedpage.inc
 	@mkdir -p $(dir $@)
 	$(CC) $(ALL_CFLAGS) -c -o $@ $<
 
@@ -89,7 +95,7 @@ $(BUILD)/obj/%.pb-c.o: $(GEN)/%.pb-c.c $(PROTO_H)
 $(BUILD)/libsidecar.a: $(PROXY_OBJ) $(PROTO_OBJ)
 	rm -f $@; ar rcs $@ $^
 
-$(BUILD)/obj-asan/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H)
+$(BUILD)/obj-asan/%.o: proxy/%.c $(wildcard proxy/*.h) $(PROTO_H) $(GEN)/fedpage.inc
 	@mkdir -p $(dir $@)
 	$(CC) -std=c11 -D_GNU_SOURCE -DFS_VERSION='"$(VERSION)"' $(WARN) $(SAN_FLAGS) -Iproxy -I$(GEN) $(PKG_CFLAGS) -c -o $@ $<
 
@@ -142,7 +148,15 @@ integration: all $(BUILD)/flower-sidecar-asan
 
 # Each stage in turn, with its time and the total at the end (tests/stages.sh).
 test: deps
-	@MAKE="$(MAKE)" tests/stages.sh format-check all unit unit-asan fuzz-corpus alerts-check integration
+	@MAKE="$(MAKE)" tests/stages.sh format-check all unit unit-asan fuzz-corpus deploy-check integration
+
+# The operator kit in deploy/: the alert rules parse and pass their
+# promtool unit tests; the Grafana dashboard is JSON whose queries parse
+# and name documented metrics (tests/deploy/check_dashboard.py).
+deploy-check:
+	promtool check rules deploy/prometheus/flower-sidecar.rules.yml
+	cd deploy/prometheus && promtool test rules flower-sidecar.rules.test.yml
+	/usr/bin/python3 tests/deploy/check_dashboard.py
 
 # libFuzzer (clang) on the Fleet observer, fedstate, the gRPC message
 # splitter and the event logger: tests/fuzz/fuzz_observe.c.  `make fuzz`
@@ -151,7 +165,7 @@ test: deps
 # `make fuzz-seeds` rebuilds the seeds from the emulator's protos.
 FUZZ_CC   ?= clang
 FUZZ_TIME ?= 60
-FUZZ_SRC  := proxy/observe.c proxy/fedstate.c proxy/fleet.c proxy/grpcmsg.c proxy/grpc.c proxy/log.c proxy/ratelimit.c $(GEN)/fleet.pb-c.c
+FUZZ_SRC  := proxy/observe.c proxy/fedstate.c proxy/fedview.c proxy/metricrec.c proxy/fleet.c proxy/grpcmsg.c proxy/grpc.c proxy/log.c proxy/ratelimit.c $(GEN)/fleet.pb-c.c
 
 $(BUILD)/fuzz_observe: tests/fuzz/fuzz_observe.c $(FUZZ_SRC) $(PROTO_H) $(wildcard proxy/*.h)
 	$(FUZZ_CC) -std=c11 -D_GNU_SOURCE -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
@@ -177,9 +191,6 @@ bench: $(BUILD)/flower-sidecar
 	bench/run
 
 # The Prometheus alert rules: syntax, and promtool's unit tests of them.
-alerts-check:
-	promtool check rules deploy/prometheus/flower-sidecar.rules.yml
-	cd deploy/prometheus && promtool test rules flower-sidecar.rules.test.yml
 # One C style for the whole tree (.clang-format); `make test` checks it.
 FORMAT_SRC = $(wildcard proxy/*.[ch] health/*.[ch] tests/unit/*.[ch] tests/fuzz/*.[ch] bench/*.[ch])
 format:

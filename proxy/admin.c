@@ -2,7 +2,8 @@
  * admin: the admin listener (--admin).  One port, two protocols, told apart
  * by the first bytes: the HTTP/2 preface means h2c gRPC (grpc.health.v1
  * Health/Check and /Watch), anything that looks like an HTTP/1.1 request
- * line gets GET /healthz, GET /metrics or 404, and the connection closes
+ * line gets GET /healthz, GET /metrics, GET /v1/federation (fedview's JSON),
+ * GET / (the federation page, fedpage.c) or 404, and the connection closes
  * after one response.  Everything else gets 400 and a close.
  */
 #include "admin.h"
@@ -22,7 +23,9 @@
 #include "net.h"
 #include "metrics.h"
 #include "onegate.h"
+#include "fedpage.h"
 #include "fedstate.h"
+#include "fedview.h"
 #include "grpc.h"
 #include "proxy.h"
 #include "tls.h"
@@ -45,6 +48,10 @@
 #define IDLE_TIMEOUT_MS 30000
 /* Watch streams, all connections together; more get RESOURCE_EXHAUSTED. */
 #define MAX_WATCHERS 1024
+/* GET /v1/federation: the document's size at most, and the bytes all admin
+ * connections may have queued (unsent) before it answers 503 instead. */
+#define VIEW_MAX      (16 * 1024 * 1024)
+#define ADMIN_OUT_MAX (64 * 1024 * 1024)
 
 enum { M_OTHER = 0, M_CHECK, M_WATCH };
 
@@ -411,15 +418,66 @@ static void a_timer(fs_h2conn *h) {
   fs_h2conn_close(h, h->session && c->incomplete == 0 ? "admin connection idle" : "admin request timeout");
 }
 
-static void http_reply(aconn *c, int code, const char *status, const char *ctype, const char *body, int head_only) {
-  char hdr[512];
+/* |extra|: more header lines, each ending in CRLF ("" for none). */
+static void http_reply_n(aconn *c, int code, const char *status, const char *ctype, const char *extra, const char *body,
+                         size_t len, int head_only) {
+  char hdr[1024];
   int n = snprintf(hdr, sizeof(hdr),
                    "HTTP/1.1 %d %s\r\nContent-Type: %s\r\nContent-Length: %zu\r\nCache-Control: no-store\r\n"
-                   "Connection: close\r\n\r\n",
-                   code, status, ctype, strlen(body));
+                   "X-Content-Type-Options: nosniff\r\n%sConnection: close\r\n\r\n",
+                   code, status, ctype, len, extra);
   fs_h2conn_write(&c->h2, hdr, (size_t)n);
-  if (!head_only) fs_h2conn_write(&c->h2, body, strlen(body));
+  if (!head_only) fs_h2conn_write(&c->h2, body, len);
   fs_h2conn_close_after_flush(&c->h2);
+}
+
+static void http_reply(aconn *c, int code, const char *status, const char *ctype, const char *body, int head_only) {
+  http_reply_n(c, code, status, ctype, "", body, strlen(body), head_only);
+}
+
+/* Bytes queued, not yet sent, on all admin connections. */
+static size_t admin_queued(void) {
+  fs_list_node *n;
+  size_t q = 0;
+  fs_list_for_each(n, &A.conns) q += fs_list_entry(n, aconn, node)->h2.outq.len;
+  return q;
+}
+
+static uint64_t wall_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_REALTIME, &ts);
+  return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void federation(aconn *c, int head_only) {
+  const char *reason;
+  fs_health_status st = current(&reason);
+  char why[600];
+  fs_view_ctx ctx;
+  char *doc;
+  size_t len;
+  if (admin_queued() > ADMIN_OUT_MAX) {
+    http_reply(c, 503, "Service Unavailable", "text/plain", "admin port busy: try again\n", head_only);
+    return;
+  }
+  if (st != FS_HEALTH_SERVING && fs_proxy_listening() && !fs_proxy_draining())
+    snprintf(why, sizeof(why), "%s: %s", reason, upstream_detail());
+  else snprintf(why, sizeof(why), "%s", reason);
+  ctx.role = A.cfg->role_name;
+  ctx.version = FS_VERSION;
+  ctx.upstream = A.cfg->upstream;
+  ctx.upstream_up = fs_proxy_upstream_up();
+  ctx.health = fs_health_status_name(st);
+  ctx.health_reason = why;
+  ctx.now_ms = fs_now_ms();
+  ctx.wall_ms = wall_ms();
+  if (!(doc = fs_view_render(&ctx, VIEW_MAX, &len))) {
+    http_reply(c, 500, "Internal Server Error", "text/plain", "federation view too large or out of memory\n",
+               head_only);
+    return;
+  }
+  http_reply_n(c, 200, "OK", "application/json", "", doc, len, head_only);
+  free(doc);
 }
 
 /* One HTTP/1.1 request head is complete in c->head. */
@@ -433,11 +491,21 @@ static void http_request(aconn *c) {
     return;
   }
   head_only = !strcmp(method, "HEAD");
+  target[strcspn(target, "?")] = '\0'; /* a query string changes nothing */
   if (strcmp(method, "GET") && !head_only) {
     http_reply(c, 405, "Method Not Allowed", "text/plain", "only GET and HEAD\n", 0);
     return;
   }
-  if (!strcmp(target, "/healthz")) {
+  if (!strcmp(target, "/") || !strcmp(target, "/index.html")) {
+    /* Everything inline; the script may only fetch from this port. */
+    http_reply_n(c, 200, "OK", "text/html; charset=utf-8",
+                 "Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; style-src "
+                 "'unsafe-inline'; connect-src 'self'; img-src data:; base-uri 'none'; form-action 'none'; "
+                 "frame-ancestors 'none'\r\nReferrer-Policy: no-referrer\r\n",
+                 fs_fedpage_html, fs_fedpage_len, head_only);
+  } else if (!strcmp(target, "/v1/federation")) {
+    federation(c, head_only);
+  } else if (!strcmp(target, "/healthz")) {
     fs_health_status st = current(&reason);
     if (st == FS_HEALTH_SERVING) {
       http_reply(c, 200, "OK", "text/plain", "SERVING\n", head_only);
@@ -455,6 +523,7 @@ static void http_request(aconn *c) {
     const fs_proxy_stats *ps = fs_proxy_get_stats();
     fs_fed_run runs[FS_FED_RUNS];
     fs_metrics_sample smp;
+    uint64_t states[FS_NODE_NSTATES];
     memset(&smp, 0, sizeof(smp));
     smp.conns_current = ps->conns_current;
     smp.conns_total = ps->conns_total;
@@ -464,7 +533,6 @@ static void http_request(aconn *c) {
     smp.serving = current(&reason) == FS_HEALTH_SERVING;
     smp.dropped_lines = fs_log_dropped();
     smp.nodes_active = fs_fed_nodes_active();
-    smp.nodes_offline = fs_fed_nodes_offline();
     smp.version = fs_version;
     smp.runs = runs;
     smp.n_runs = fs_fed_runs(runs);
@@ -481,13 +549,11 @@ static void http_request(aconn *c) {
     smp.retries = ps->retries;
     smp.pings = ps->pings;
     smp.ping_rtt_s = (double)ps->ping_rtt_us / 1e6;
-    {
-      int64_t na;
-      if (fs_tls_server_not_after(&na) == 0)
-        smp.has_server_expiry = 1, smp.server_expiry_s = (double)(na - (int64_t)time(NULL));
-      if (fs_uppool_peer_not_after(&na) == 0)
-        smp.has_upstream_expiry = 1, smp.upstream_expiry_s = (double)(na - (int64_t)time(NULL));
-    }
+    if (fs_tls_server_not_after(&smp.server_not_after) < 0) smp.server_not_after = 0;
+    if (fs_uppool_peer_not_after(&smp.upstream_not_after) < 0) smp.upstream_not_after = 0;
+    smp.now_ms = fs_now_ms();
+    fs_fed_node_states(smp.now_ms, states);
+    smp.node_states = states;
     size_t cap = 256 * 1024, n;
     char *text = malloc(cap);
     if (!text || !(n = fs_metrics_render(text, cap, &smp))) {
@@ -500,7 +566,8 @@ static void http_request(aconn *c) {
   } else if (!strcmp(target, "/metrics")) {
     http_reply(c, 404, "Not Found", "text/plain", "metrics are disabled (--no-metrics)\n", head_only);
   } else {
-    http_reply(c, 404, "Not Found", "text/plain", "not found: try /healthz\n", head_only);
+    http_reply(c, 404, "Not Found", "text/plain", "not found: try /, /v1/federation, /healthz or /metrics\n",
+               head_only);
   }
 }
 

@@ -8,6 +8,10 @@
 #ifndef FS_CONFIG_H
 #define FS_CONFIG_H
 
+#ifndef FS_VERSION
+#define FS_VERSION "0.1.0"
+#endif
+
 #include <stddef.h>
 #include <stdint.h>
 

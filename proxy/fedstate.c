@@ -18,7 +18,9 @@ typedef struct fnode {
   uint32_t pushes_left;       /* objects its reply still has to push */
   uint64_t unsettled_in;      /* bytes of pushes counted on arrival whose call has not ended */
   uint64_t unsettled_serial;  /* the round they were counted in */
-  uint8_t used, active, offline;
+  uint64_t calls, errors, bytes_in, bytes_out;
+  char peer[48];
+  uint8_t used, active, offline, deactivated;
 } fnode;
 
 typedef struct fmsg {
@@ -56,11 +58,11 @@ static struct {
     int64_t round;
   } cfg[CONFIG_CACHE];
   size_t cfg_next;
-  uint64_t active;  /* activated, not deactivated */
-  uint64_t offline; /* of those, silent too long */
+  uint64_t active; /* activated, not deactivated */
   int64_t last_round;
   uint64_t last_round_run;
   uint64_t round_serial;
+  uint64_t untracked; /* calls of nodes beyond the cap */
   fs_fed_run runs[FS_FED_RUNS];
 } F;
 
@@ -79,6 +81,7 @@ static fs_fed_run *run_get(uint64_t now, uint64_t run_id) {
     r->round = -1;
   }
   r->last_ms = now ? now : 1; /* 0 marks a free slot */
+  fs_view_run_seen(now, run_id);
   return r;
 }
 
@@ -88,6 +91,12 @@ size_t fs_fed_runs(fs_fed_run *out) {
     if (!F.runs[i].last_ms) continue;
     for (j = n; j > 0 && out[j - 1].last_ms < F.runs[i].last_ms; j--) out[j] = out[j - 1];
     out[j] = F.runs[i];
+    out[j].open_since_ms = 0;
+    {
+      int k;
+      for (k = 0; k < MAX_ROUNDS; k++)
+        if (F.rounds[k].open && F.rounds[k].run_id == F.runs[i].run_id) out[j].open_since_ms = F.rounds[k].t_start;
+    }
     n++;
   }
   return n;
@@ -106,10 +115,10 @@ void fs_fed_reset(void) {
   free(F.msgs);
   memset(&F, 0, sizeof(F));
   F.last_round = -1;
+  fs_view_reset();
 }
 
 uint64_t fs_fed_nodes_active(void) { return F.active; }
-uint64_t fs_fed_nodes_offline(void) { return F.offline; }
 int64_t fs_fed_current_round(uint64_t *run_id) {
   *run_id = F.last_round_run;
   return F.last_round;
@@ -261,8 +270,25 @@ static fround *round_find(uint64_t run_id, const char *type, int64_t round) {
   return NULL;
 }
 
+static void round_stats(const fround *r, fs_view_round_stats *st) {
+  st->nodes = r->nodes;
+  st->replies = r->replies;
+  st->errors = r->errors;
+  st->missing = r->missing;
+  st->bytes_in = r->bytes_in;
+  st->bytes_out = r->bytes_out;
+}
+
+int fs_fed_round_live(uint64_t serial, fs_view_round_stats *out) {
+  fround *r = serial ? round_open(serial) : NULL;
+  if (!r) return 0;
+  round_stats(r, out);
+  return 1;
+}
+
 static void round_end(uint64_t now, fround *r) {
   fs_event ev;
+  fs_view_round_stats st;
   if (fs_ev_begin(&ev, FS_LOG_INFO, "round.end")) {
     fs_ev_id(&ev, "run_id", r->run_id);
     fs_ev_i64(&ev, "round", r->round);
@@ -277,6 +303,8 @@ static void round_end(uint64_t now, fround *r) {
     fs_ev_end(&ev);
   }
   r->open = 0;
+  round_stats(r, &st);
+  fs_view_round_end(now, r->serial, &st);
 }
 
 /* A message's round became known: count its node in the round. */
@@ -331,6 +359,7 @@ static fround *round_join(uint64_t now, const fmsg *m) {
     fs_ev_str(&ev, "message_type", m->type);
     fs_ev_end(&ev);
   }
+  fs_view_round_start(now, m->run_id, slot->serial, m->round, m->type);
   return slot;
 }
 
@@ -405,6 +434,7 @@ void fs_fed_dispatch_msg(uint64_t now, const fs_fed_dispatch *d) {
     return;
   }
   if (m->announced) return; /* handed out again: already told */
+  fs_view_run_seen(now, d->run_id);
   {
     fnode *n = node_get(d->node_id, 1);
     if (n) { /* its next object bytes belong to this instruction */
@@ -581,10 +611,10 @@ static void node_left(fnode *n) {
 void fs_fed_node_activated(uint64_t now, uint64_t node_id, double hb) {
   fnode *n = node_get(node_id, 1);
   if (!n) return;
-  if (n->offline) F.offline--;
   if (!n->active) F.active++;
   n->active = 1;
   n->offline = 0;
+  n->deactivated = 0;
   /* A node's own number: keep it sane (NaN, negative, absurd) before any
    * arithmetic with it. */
   n->hb_s = hb >= 1 && hb <= 86400 ? hb : (hb > 86400 ? 86400 : 30);
@@ -594,10 +624,10 @@ void fs_fed_node_activated(uint64_t now, uint64_t node_id, double hb) {
 void fs_fed_node_deactivated(uint64_t node_id) {
   fnode *n = node_get(node_id, 0);
   if (!n || !n->active) return;
-  if (n->offline) F.offline--;
-  else node_left(n);
+  if (!n->offline) node_left(n);
   n->active = 0;
   n->offline = 0;
+  n->deactivated = 1;
   F.active--;
 }
 
@@ -605,11 +635,72 @@ void fs_fed_node_seen(uint64_t now, uint64_t node_id) {
   fnode *n = node_get(node_id, 0);
   if (!n) return;
   n->last_seen_ms = now;
-  if (n->offline && n->active) {
-    n->offline = 0;
-    F.offline--;
+  if (n->offline && n->active) n->offline = 0;
+}
+
+void fs_fed_node_call(uint64_t now, uint64_t node_id, const char *peer, int ok, uint64_t bytes_in, uint64_t bytes_out) {
+  fnode *n;
+  if (!node_id) return;
+  if (!(n = node_get(node_id, ok))) {
+    if (ok) F.untracked++;
+    return;
+  }
+  if (!n->hb_s) n->hb_s = 30; /* not activated while we watched: Flower's default */
+  if (ok && !n->last_seen_ms) n->last_seen_ms = now;
+  n->calls++;
+  if (!ok) n->errors++;
+  n->bytes_in += bytes_in;
+  n->bytes_out += bytes_out;
+  if (peer && *peer) copy(n->peer, sizeof(n->peer), peer);
+}
+
+void fs_fed_reply_metrics(uint64_t node_id, const uint8_t *body, size_t len) {
+  fnode *n = node_get(node_id, 0);
+  if (n && n->cur_round >= 0 && n->cur_serial) (void)fs_view_metrics(n->cur_serial, body, len);
+}
+
+const char *fs_fed_node_state_name(fs_node_state s) {
+  static const char *const names[] = {"active", "late", "offline", "deactivated"};
+  return s < FS_NODE_NSTATES ? names[s] : "active";
+}
+
+static fs_node_state node_state(const fnode *n, uint64_t now) {
+  uint64_t hb_ms = (uint64_t)(1000 * (n->hb_s > 0 ? n->hb_s : 30)),
+           idle = now > n->last_seen_ms ? now - n->last_seen_ms : 0;
+  if (n->deactivated && !n->active) return FS_NODE_DEACTIVATED;
+  if (n->active) return n->offline ? FS_NODE_OFFLINE : idle > hb_ms ? FS_NODE_LATE : FS_NODE_ACTIVE;
+  /* activation not seen: judged by its calls alone */
+  return idle >= 2 * hb_ms ? FS_NODE_OFFLINE : idle > hb_ms ? FS_NODE_LATE : FS_NODE_ACTIVE;
+}
+
+void fs_fed_each_node(uint64_t now, void (*fn)(void *ud, const fs_fed_node_info *n), void *ud) {
+  size_t i;
+  for (i = 0; i < F.nodes_cap; i++) {
+    const fnode *n = &F.nodes[i];
+    fs_fed_node_info info;
+    if (!n->used) continue;
+    info.node_id = n->id;
+    info.last_seen_ms = n->last_seen_ms;
+    info.calls = n->calls;
+    info.errors = n->errors;
+    info.bytes_in = n->bytes_in;
+    info.bytes_out = n->bytes_out;
+    info.heartbeat_s = n->hb_s > 0 ? n->hb_s : 30;
+    info.peer = n->peer;
+    info.state = node_state(n, now);
+    fn(ud, &info);
   }
 }
+
+uint64_t fs_fed_node_states(uint64_t now, uint64_t counts[FS_NODE_NSTATES]) {
+  size_t i;
+  memset(counts, 0, FS_NODE_NSTATES * sizeof(counts[0]));
+  for (i = 0; i < F.nodes_cap; i++)
+    if (F.nodes[i].used) counts[node_state(&F.nodes[i], now)]++;
+  return F.n_nodes;
+}
+
+uint64_t fs_fed_nodes_untracked(void) { return F.untracked; }
 
 void fs_fed_tick(uint64_t now) {
   size_t i;
@@ -618,7 +709,6 @@ void fs_fed_tick(uint64_t now) {
     fs_event ev;
     if (!n->used || !n->active || n->offline || now < n->last_seen_ms + (uint64_t)(2000 * n->hb_s)) continue;
     n->offline = 1;
-    F.offline++;
     node_left(n);
     if (fs_ev_begin(&ev, FS_LOG_WARN, "node.offline")) {
       fs_ev_id(&ev, "node_id", n->id);
@@ -655,6 +745,7 @@ void fs_fed_tick(uint64_t now) {
   /* A node awaited by a round may have left (offline, deactivated) without
    * pulling its instruction: fewer nodes are awaited now. */
   for (i = 0; i < MAX_ROUNDS; i++) round_maybe_end(now, &F.rounds[i]);
+  fs_view_tick(now);
 }
 
 /* ConfigRecord: repeated Item items = 1; Item { string key = 1;

@@ -15,12 +15,18 @@
  * messages are tracked; beyond that, new ones are not (events still flow,
  * without derived fields).  Time is passed in, so the module is pure and
  * tested without a clock.
+ *
+ * It feeds fedview (the history of runs and rounds behind GET
+ * /v1/federation) as rounds start and end, and keeps per node what that
+ * view lists: peer, calls, bytes, errors, state.
  */
 #ifndef FS_FEDSTATE_H
 #define FS_FEDSTATE_H
 
 #include <stddef.h>
 #include <stdint.h>
+
+#include "fedview.h"
 
 #define FS_FED_MAX_NODES  16384
 #define FS_FED_MAX_MSGS   16384
@@ -80,15 +86,47 @@ void fs_fed_confirm(uint64_t now_ms, uint64_t node_id, uint64_t run_id, const ch
 /* PushMessages delivered a reply (emits message.reply, maybe round.end). */
 void fs_fed_reply_msg(uint64_t now_ms, const fs_fed_reply *r);
 
+/* A Fleet call about |node_id| (0: none) from |peer| ended, |ok| or not,
+ * having carried |bytes_in| from the node and |bytes_out| to it.  A node
+ * not tracked yet is tracked from its first successful call (the
+ * SuperLink accepted it). */
+void fs_fed_node_call(uint64_t now_ms, uint64_t node_id, const char *peer, int ok, uint64_t bytes_in,
+                      uint64_t bytes_out);
+/* A reply of |node_id| pushed a MetricRecord object: its metrics count in
+ * the node's current round (fs_view_metrics). */
+void fs_fed_reply_metrics(uint64_t node_id, const uint8_t *body, size_t len);
+
 /* Emits node.offline for silent nodes and overdue message.dispatch.  Call
  * about once a second. */
 void fs_fed_tick(uint64_t now_ms);
 
 /* For metrics. */
 uint64_t fs_fed_nodes_active(void);
-/* Of those, how many are silent for longer than twice their heartbeat interval. */
-uint64_t fs_fed_nodes_offline(void);
 int64_t fs_fed_current_round(uint64_t *run_id);
+
+/* Node states, as GET /v1/federation and /metrics show them:
+ * deactivated (DeactivateNode seen), offline (active, silent for 2 x its
+ * heartbeat interval), late (silent for more than 1 x), active.  A node
+ * whose ActivateNode was not seen (the sidecar started later) is judged by
+ * its last call with Flower's default interval of 30 s. */
+typedef enum { FS_NODE_ACTIVE = 0, FS_NODE_LATE, FS_NODE_OFFLINE, FS_NODE_DEACTIVATED, FS_NODE_NSTATES } fs_node_state;
+const char *fs_fed_node_state_name(fs_node_state s);
+
+typedef struct fs_fed_node_info {
+  uint64_t node_id, last_seen_ms; /* last_seen_ms: fedstate's clock */
+  uint64_t calls, errors, bytes_in, bytes_out;
+  double heartbeat_s;
+  const char *peer; /* "" when unknown */
+  fs_node_state state;
+} fs_fed_node_info;
+/* Calls |fn| for each tracked node, in table order. */
+void fs_fed_each_node(uint64_t now_ms, void (*fn)(void *ud, const fs_fed_node_info *n), void *ud);
+/* Nodes per state; returns the nodes tracked. */
+uint64_t fs_fed_node_states(uint64_t now_ms, uint64_t counts[FS_NODE_NSTATES]);
+/* Nodes whose calls were seen but that could not be tracked (the cap). */
+uint64_t fs_fed_nodes_untracked(void);
+/* The live counters of round |serial| while it is open: returns 1, else 0. */
+int fs_fed_round_live(uint64_t serial, fs_view_round_stats *out);
 
 /* Per run, for the FS_FED_RUNS runs most recently seen (older ones are
  * forgotten, which keeps the metrics' run_id label bounded). */
@@ -99,6 +137,7 @@ typedef struct fs_fed_run {
   uint64_t instructions; /* message.dispatch */
   uint64_t replies, error_replies;
   uint64_t last_ms;
+  uint64_t open_since_ms; /* start of its open round (fedstate's clock), 0: none */
 } fs_fed_run;
 /* Copies up to FS_FED_RUNS runs into |out|, most recent first; returns how
  * many. */

@@ -1,6 +1,7 @@
 /* metrics: see metrics.h. */
 #include "metrics.h"
 
+#include "config.h"
 #include "grpc.h"
 #include "log.h"
 
@@ -9,33 +10,39 @@
 #include <stdio.h>
 #include <string.h>
 
-/* Call duration buckets, seconds, from durations measured in microseconds:
- * Fleet calls range from sub-millisecond heartbeats on loopback to
- * multi-second object transfers. */
-static const double buckets[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-                                 0.1,    0.25,    0.5,    1,     2.5,    5,     10,   30};
-#define NBUCKETS (sizeof(buckets) / sizeof(buckets[0]))
+/* Call duration buckets, in microseconds (durations are measured in
+ * microseconds, shown in seconds): Fleet calls range from sub-millisecond
+ * heartbeats to multi-second object transfers. */
+static const uint64_t buckets_us[] = {100,    250,    500,    1000,    2500,    5000,    10000,    25000,   50000,
+                                      100000, 250000, 500000, 1000000, 2500000, 5000000, 10000000, 30000000};
+#define NBUCKETS (sizeof(buckets_us) / sizeof(buckets_us[0]))
+
+/* gRPC status codes as grpc-ecosystem's go-grpc-prometheus names them. */
+static const char *const eco_codes[FS_GRPC_NSTATUS] = {
+    "OK",       "Canceled",       "Unknown",          "InvalidArgument",   "DeadlineExceeded",
+    "NotFound", "AlreadyExists",  "PermissionDenied", "ResourceExhausted", "FailedPrecondition",
+    "Aborted",  "OutOfRange",     "Unimplemented",    "Internal",          "Unavailable",
+    "DataLoss", "Unauthenticated"};
 
 static struct {
   uint64_t calls[FS_FLEET_METHODS][FS_GRPC_NSTATUS];
   uint64_t hist[FS_FLEET_METHODS][NBUCKETS];
   uint64_t hist_count[FS_FLEET_METHODS];
-  double hist_sum[FS_FLEET_METHODS];
+  uint64_t hist_sum_us[FS_FLEET_METHODS];
   uint64_t bytes[FS_FLEET_METHODS][2];
 } M;
 
 void fs_metrics_reset(void) { memset(&M, 0, sizeof(M)); }
 
-void fs_metrics_call(fs_fleet_method m, int status, uint64_t duration_us, uint64_t bytes_in, uint64_t bytes_out) {
-  double s = (double)duration_us / 1e6;
+void fs_metrics_call(fs_fleet_method m, int status, uint64_t us, uint64_t bytes_in, uint64_t bytes_out) {
   size_t b;
   if ((int)m < 0 || m >= FS_FLEET_METHODS) m = FS_FLEET_NONE;
   if (status < 0 || status >= FS_GRPC_NSTATUS) status = FS_GRPC_UNKNOWN;
   M.calls[m][status]++;
   for (b = 0; b < NBUCKETS; b++)
-    if (s <= buckets[b]) M.hist[m][b]++;
+    if (us <= buckets_us[b]) M.hist[m][b]++;
   M.hist_count[m]++;
-  M.hist_sum[m] += s;
+  M.hist_sum_us[m] += us;
   M.bytes[m][0] += bytes_in;
   M.bytes[m][1] += bytes_out;
 }
@@ -60,6 +67,30 @@ static void put(out *o, const char *fmt, ...) {
 
 static void head(out *o, const char *name, const char *type, const char *help) {
   put(o, "# HELP flower_sidecar_%s %s\n# TYPE flower_sidecar_%s %s\n", name, help, name, type);
+}
+
+/* A bucket bound in seconds, as Prometheus clients print it ("0.0001"). */
+static const char *le_str(char *buf, size_t cap, uint64_t us) {
+  snprintf(buf, cap, "%g", (double)us / 1e6);
+  return buf;
+}
+
+/* One histogram series per method: |name| with the label text |lab| of
+ * method |m| (e.g. `method="PullMessages"`). */
+static void histogram(out *o, const char *name, const char *lab, int m) {
+  char le[32];
+  size_t b;
+  for (b = 0; b < NBUCKETS; b++)
+    put(o, "%s_bucket{%s,le=\"%s\"} %" PRIu64 "\n", name, lab, le_str(le, sizeof(le), buckets_us[b]), M.hist[m][b]);
+  put(o, "%s_bucket{%s,le=\"+Inf\"} %" PRIu64 "\n", name, lab, M.hist_count[m]);
+  put(o, "%s_sum{%s} %" PRIu64 ".%06" PRIu64 "\n", name, lab, M.hist_sum_us[m] / 1000000, M.hist_sum_us[m] % 1000000);
+  put(o, "%s_count{%s} %" PRIu64 "\n", name, lab, M.hist_count[m]);
+}
+
+/* The grpc-ecosystem labels of method |m|. */
+static void eco_labels(char *buf, size_t cap, int m) {
+  snprintf(buf, cap, "grpc_type=\"unary\",grpc_service=\"%s\",grpc_method=\"%s\"", m ? "flwr.proto.Fleet" : "other",
+           fs_fleet_method_name((fs_fleet_method)m));
 }
 
 size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
@@ -102,42 +133,31 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
       if (M.calls[m][st] || (st == 0 && m > 0))
         put(&o, "flower_sidecar_calls_total{method=\"%s\",status=\"%s\"} %" PRIu64 "\n",
             fs_fleet_method_name((fs_fleet_method)m), fs_grpc_status_name(st), M.calls[m][st]);
-  head(&o, "call_duration_seconds", "histogram", "Call duration from request headers to the final status.");
+  head(&o, "call_duration_seconds", "histogram",
+       "Call duration from request headers to the final status (measured in microseconds).");
   for (m = 0; m < FS_FLEET_METHODS; m++) {
-    const char *name = fs_fleet_method_name((fs_fleet_method)m);
+    char lab[128];
     if (!M.hist_count[m] && m == 0) continue;
-    for (b = 0; b < NBUCKETS; b++)
-      put(&o, "flower_sidecar_call_duration_seconds_bucket{method=\"%s\",le=\"%g\"} %" PRIu64 "\n", name, buckets[b],
-          M.hist[m][b]);
-    put(&o, "flower_sidecar_call_duration_seconds_bucket{method=\"%s\",le=\"+Inf\"} %" PRIu64 "\n", name,
-        M.hist_count[m]);
-    put(&o, "flower_sidecar_call_duration_seconds_sum{method=\"%s\"} %.6f\n", name, M.hist_sum[m]);
-    put(&o, "flower_sidecar_call_duration_seconds_count{method=\"%s\"} %" PRIu64 "\n", name, M.hist_count[m]);
+    snprintf(lab, sizeof(lab), "method=\"%s\"", fs_fleet_method_name((fs_fleet_method)m));
+    histogram(&o, "flower_sidecar_call_duration_seconds", lab, m);
   }
-  /* The same, under the names of go-grpc-prometheus / grpc-ecosystem, so
-   * existing gRPC dashboards work (all Fleet methods are unary). */
-  put(&o, "# HELP grpc_server_handled_total Calls finished, by method and gRPC status (grpc-ecosystem names).\n"
-          "# TYPE grpc_server_handled_total counter\n");
+  /* The same calls under go-grpc-prometheus's names. */
+  put(&o, "# HELP grpc_server_handled_total Total number of RPCs completed on the server, regardless of success or "
+          "failure.\n# TYPE grpc_server_handled_total counter\n");
   for (m = 0; m < FS_FLEET_METHODS; m++)
     for (st = 0; st < FS_GRPC_NSTATUS; st++)
-      if (M.calls[m][st] || (st == 0 && m > 0))
-        put(&o,
-            "grpc_server_handled_total{grpc_type=\"%s\",grpc_service=\"%s\",grpc_method=\"%s\",grpc_code=\"%s\"} "
-            "%" PRIu64 "\n",
-            m ? "unary" : "unknown", m ? "flwr.proto.Fleet" : "unknown",
-            m ? fs_fleet_method_name((fs_fleet_method)m) : "unknown", fs_grpc_status_name(st), M.calls[m][st]);
-  put(&o, "# HELP grpc_server_handling_seconds Call duration (grpc-ecosystem names).\n"
-          "# TYPE grpc_server_handling_seconds histogram\n");
+      if (M.calls[m][st] || (st == 0 && m > 0)) {
+        char lab[160];
+        eco_labels(lab, sizeof(lab), m);
+        put(&o, "grpc_server_handled_total{%s,grpc_code=\"%s\"} %" PRIu64 "\n", lab, eco_codes[st], M.calls[m][st]);
+      }
+  put(&o, "# HELP grpc_server_handling_seconds Histogram of response latency (seconds) of gRPC that had been "
+          "application-level handled by the server.\n# TYPE grpc_server_handling_seconds histogram\n");
   for (m = 0; m < FS_FLEET_METHODS; m++) {
-    char lbl[160];
+    char lab[160];
     if (!M.hist_count[m] && m == 0) continue;
-    snprintf(lbl, sizeof(lbl), "grpc_type=\"%s\",grpc_service=\"%s\",grpc_method=\"%s\"", m ? "unary" : "unknown",
-             m ? "flwr.proto.Fleet" : "unknown", m ? fs_fleet_method_name((fs_fleet_method)m) : "unknown");
-    for (b = 0; b < NBUCKETS; b++)
-      put(&o, "grpc_server_handling_seconds_bucket{%s,le=\"%g\"} %" PRIu64 "\n", lbl, buckets[b], M.hist[m][b]);
-    put(&o, "grpc_server_handling_seconds_bucket{%s,le=\"+Inf\"} %" PRIu64 "\n", lbl, M.hist_count[m]);
-    put(&o, "grpc_server_handling_seconds_sum{%s} %.6f\n", lbl, M.hist_sum[m]);
-    put(&o, "grpc_server_handling_seconds_count{%s} %" PRIu64 "\n", lbl, M.hist_count[m]);
+    eco_labels(lab, sizeof(lab), m);
+    histogram(&o, "grpc_server_handling_seconds", lab, m);
   }
   head(&o, "bytes_total", "counter", "gRPC payload bytes carried, by method; in = from the client, out = to it.");
   for (m = 0; m < FS_FLEET_METHODS; m++) {
@@ -165,17 +185,26 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   if (s->ping_rtt_s > 0) put(&o, "flower_sidecar_upstream_ping_rtt_seconds %.6f\n", s->ping_rtt_s);
   head(&o, "tls_handshake_failures_total", "counter", "Failed TLS handshakes on the listener.");
   put(&o, "flower_sidecar_tls_handshake_failures_total %" PRIu64 "\n", s->tls_failures);
-  head(&o, "cert_expiry_seconds", "gauge",
-       "Seconds until a certificate expires: cert=server, the listener's (link); cert=upstream, the one the upstream "
-       "presented on the current connection (node).");
-  if (s->has_server_expiry) put(&o, "flower_sidecar_cert_expiry_seconds{cert=\"server\"} %.0f\n", s->server_expiry_s);
-  if (s->has_upstream_expiry)
-    put(&o, "flower_sidecar_cert_expiry_seconds{cert=\"upstream\"} %.0f\n", s->upstream_expiry_s);
+  /* A timestamp, not a countdown: Prometheus subtracts time() itself. */
+  head(&o, "tls_cert_not_after_seconds", "gauge",
+       "Unix time a certificate in use expires (its notAfter): cert=server, the listener's (link); cert=upstream, the "
+       "one the upstream presented on the current connection (node).");
+  if (s->server_not_after)
+    put(&o, "flower_sidecar_tls_cert_not_after_seconds{cert=\"server\"} %" PRId64 "\n", s->server_not_after);
+  if (s->upstream_not_after)
+    put(&o, "flower_sidecar_tls_cert_not_after_seconds{cert=\"upstream\"} %" PRId64 "\n", s->upstream_not_after);
   head(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.");
   put(&o, "flower_sidecar_nodes_active %" PRIu64 "\n", s->nodes_active);
-  head(&o, "nodes_offline", "gauge",
-       "Active SuperNodes silent for more than twice their heartbeat interval (link role, node.offline).");
-  put(&o, "flower_sidecar_nodes_offline %" PRIu64 "\n", s->nodes_offline);
+  head(&o, "nodes", "gauge", "SuperNodes tracked, by state (as GET /v1/federation shows them).");
+  for (st = 0; st < FS_NODE_NSTATES; st++)
+    put(&o, "flower_sidecar_nodes{state=\"%s\"} %" PRIu64 "\n", fs_fed_node_state_name((fs_node_state)st),
+        s->node_states ? s->node_states[st] : 0);
+  head(&o, "run_round_open_seconds", "gauge",
+       "How long the open round of each recent run has been running (absent: no round open).");
+  for (b = 0; b < s->n_runs; b++)
+    if (s->runs[b].open_since_ms)
+      put(&o, "flower_sidecar_run_round_open_seconds{run_id=\"%" PRIu64 "\"} %.3f\n", s->runs[b].run_id,
+          s->now_ms > s->runs[b].open_since_ms ? (double)(s->now_ms - s->runs[b].open_since_ms) / 1000.0 : 0.0);
   head(&o, "run_round", "gauge", "Latest server round of each recent run (-1: none seen).");
   for (b = 0; b < s->n_runs; b++)
     put(&o, "flower_sidecar_run_round{run_id=\"%" PRIu64 "\"} %" PRId64 "\n", s->runs[b].run_id, s->runs[b].round);

@@ -1,8 +1,10 @@
 /*
  * metrics: Prometheus counters for /metrics (text format 0.0.4), names
- * prefixed flower_sidecar_.  Labels stay low-cardinality: method (the 12
- * Fleet methods or "other"), gRPC status name, direction.  Fixed arrays, no
- * allocation on the data path.
+ * prefixed flower_sidecar_, and the calls again under the grpc-ecosystem
+ * names (grpc_server_handled_total, grpc_server_handling_seconds) so that
+ * existing gRPC dashboards work.  Labels stay low-cardinality: method (the
+ * 12 Fleet methods or "other"), gRPC status name, direction, node state,
+ * certificate.  Fixed arrays, no allocation on the data path.
  */
 #ifndef FS_METRICS_H
 #define FS_METRICS_H
@@ -28,7 +30,6 @@ typedef struct fs_metrics_sample {
   int serving;
   uint64_t dropped_lines;
   uint64_t nodes_active;
-  uint64_t nodes_offline;
   const char *version;    /* build_info; NULL: not rendered */
   const fs_fed_run *runs; /* most recent first */
   size_t n_runs;
@@ -39,11 +40,12 @@ typedef struct fs_metrics_sample {
   double outage_s;
   int onegate; /* the OneGate client runs: its counters follow */
   uint64_t onegate_publish_ok, onegate_publish_failed, onegate_discover_ok, onegate_discover_failed;
-  /* Seconds until a certificate expires (negative: expired), when known:
-   * the listener's server certificate (link), the certificate the upstream
+  /* When a certificate expires (its notAfter, Unix time; 0: unknown): the
+   * listener's server certificate (link), the certificate the upstream
    * presented on the current connection (node). */
-  int has_server_expiry, has_upstream_expiry;
-  double server_expiry_s, upstream_expiry_s;
+  int64_t server_not_after, upstream_not_after;
+  uint64_t now_ms;             /* fedstate's clock, for the age of open rounds */
+  const uint64_t *node_states; /* FS_NODE_NSTATES counts, or NULL */
 } fs_metrics_sample;
 
 /* Renders everything into |out| (capacity |cap|).  Returns the length, or

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "fedstate.h"
+#include "fedview.h"
 #include "fleet.pb-c.h"
 #include "grpcmsg.h"
 #include "log.h"
@@ -132,6 +133,7 @@ typedef struct walked {
   uint64_t content_len; /* declared length of the content / object */
   const uint8_t *body;  /* the object's body, as far as kept */
   size_t body_len;
+  uint64_t body_declared; /* the body length its header line declares */
   int found, available, ok;
 } walked;
 
@@ -151,6 +153,7 @@ static void walk_content(walked *w, const fs_pb_field *f) {
   }
   w->body = f->data + hl;
   w->body_len = f->len - (size_t)hl;
+  w->body_declared = body;
 }
 
 /* PushObjectRequest (dir 0) or PullObjectResponse (dir 1); |quiet|: no
@@ -349,6 +352,12 @@ static void emit_object(const fs_obs *o, int push) {
     if (walk_object(o, 1, &w, 0) < 0) return;
   }
   fs_fed_node_seen(now(), node_id);
+  /* A cut request tells nothing reliable about its run. */
+  if (!push || o->d[0].done) fs_view_run_seen(now(), run_id);
+  /* A reply's metrics, counted in its round before the push that may end
+   * the round is. */
+  if (push && !strcmp(w.type, "MetricRecord") && w.body_len == w.body_declared)
+    fs_fed_reply_metrics(node_id, w.body, w.body_len);
   if (push && o->push_counted) fs_fed_push_settled(node_id, w.content_len, 1);
   else fs_fed_object_bytes(node_id, w.content_len, !push);
   if (push) fs_fed_object_pushed(now(), node_id);
@@ -416,7 +425,11 @@ static void emit(const fs_obs *o) {
     break;
   case FS_FLEET_GET_RUN:
     rq = unpack(o, 0, &flwr__proto__get_run_request__descriptor);
-    if ((rs = unpack(o, 1, &flwr__proto__get_run_response__descriptor)) && begin(&ev, FS_LOG_INFO, "run.fetch")) {
+    if ((rs = unpack(o, 1, &flwr__proto__get_run_response__descriptor)) && ((Flwr__Proto__GetRunResponse *)rs)->run) {
+      const Flwr__Proto__Run *r = ((Flwr__Proto__GetRunResponse *)rs)->run;
+      fs_view_run_info(now(), r->run_id, r->fab_id, r->fab_version, r->status ? r->status->status : "");
+    }
+    if (rs && begin(&ev, FS_LOG_INFO, "run.fetch")) {
       const Flwr__Proto__Run *r = ((Flwr__Proto__GetRunResponse *)rs)->run;
       fs_ev_id(&ev, "node_id", rq ? node_of(((Flwr__Proto__GetRunRequest *)rq)->node) : 0);
       fs_ev_id(&ev, "run_id", r ? r->run_id : (rq ? ((Flwr__Proto__GetRunRequest *)rq)->run_id : 0));
@@ -430,7 +443,9 @@ static void emit(const fs_obs *o) {
     }
     break;
   case FS_FLEET_GET_FAB:
-    if ((rq = unpack(o, 0, &flwr__proto__get_fab_request__descriptor)) && begin(&ev, FS_LOG_INFO, "fab.fetch")) {
+    if ((rq = unpack(o, 0, &flwr__proto__get_fab_request__descriptor)))
+      fs_view_run_seen(now(), ((Flwr__Proto__GetFabRequest *)rq)->run_id);
+    if (rq && begin(&ev, FS_LOG_INFO, "fab.fetch")) {
       Flwr__Proto__GetFabRequest *g = (void *)rq;
       fs_ev_id(&ev, "node_id", node_of(g->node));
       fs_ev_id(&ev, "run_id", g->run_id);
@@ -456,6 +471,7 @@ void fs_obs_finish(fs_obs *o, int grpc_status) {
   if (!o) return;
   if (grpc_status == 0) emit(o);
   else if (o->push_counted) fs_fed_push_settled(o->push_node, o->push_bytes, 0);
+  fs_fed_node_call(now(), fs_obs_node_id(o), o->peer, grpc_status == 0, o->d[0].bytes, o->d[1].bytes);
   if (o->d[0].buf != o->d[0].inline_buf) free(o->d[0].buf);
   if (o->d[1].buf != o->d[1].inline_buf) free(o->d[1].buf);
   free(o);

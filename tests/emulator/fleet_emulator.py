@@ -249,10 +249,15 @@ def config_record_body(values: dict) -> bytes:
 
 
 def metric_record_body(values: dict) -> bytes:
-    items = [pb.MetricRecord.Item(key=k, value=(pb.MetricRecordValue(sint64=v)
-                                                if isinstance(v, int) else
-                                                pb.MetricRecordValue(double=v)))
-             for k, v in values.items()]
+    """A MetricRecord as Flower writes it: ints as sint64, floats as double,
+    lists of floats as DoubleList."""
+    def value(v):
+        if isinstance(v, list):
+            return pb.MetricRecordValue(double_list=pb.DoubleList(vals=v))
+        if isinstance(v, int):
+            return pb.MetricRecordValue(sint64=v)
+        return pb.MetricRecordValue(double=v)
+    items = [pb.MetricRecord.Item(key=k, value=value(v)) for k, v in values.items()]
     return pb.MetricRecord(items=items).SerializeToString(deterministic=True)
 
 
@@ -1230,6 +1235,7 @@ class SuperNode:
             node=self._node(), run_id=md.run_id, message_object_id=mid))
         t_app = time.monotonic()
         reply, objs = self._reply(msg, rnd, n_floats)
+        metrics = self.last_metrics
         runtime = time.monotonic() - t_app
         resp = self.call("PushMessages", pb.PushMessagesRequest(
             node=self._node(), messages_list=[reply],
@@ -1256,7 +1262,7 @@ class SuperNode:
                 "message_id": mid, "reply_id": reply.metadata.message_id,
                 "message_type": md.message_type, "round": rnd, "objects": len(ids),
                 "bytes_pulled": pulled, "bytes_pushed": pushed,
-                "error": reply.HasField("error")})
+                "error": reply.HasField("error"), "metrics": metrics})
         log(self.ROLE, f"round {rnd} {md.message_type}: replied "
                        f"({'error' if reply.HasField('error') else f'{pushed} bytes pushed'})")
         if self.args.vanish_after and self.replies >= self.args.vanish_after:
@@ -1288,6 +1294,7 @@ class SuperNode:
         error = None
         rng = random.Random(f"{self.node_id}/{md.message_id}")
         if self.args.error_reply and md.message_type == "train":
+            metrics = None
             error = pb.Error(code=CLIENTAPP_RAISED_EXCEPTION,
                              reason="<class 'RuntimeError'>:<'emulated ClientApp failure'>")
         else:
@@ -1296,9 +1303,12 @@ class SuperNode:
                 array = add_array(objs, n_floats, rng)
                 records["arrays"] = objs.add("ArrayRecord", json.dumps({"model": array}).encode(),
                                              [array])
-                metrics = {"num-examples": 64, "train_loss": rng.random()}
+                metrics = {"num-examples": rng.randint(16, 256), "train_loss": rng.random()}
             else:
-                metrics = {"num-examples": 64, "eval_loss": rng.random(), "eval_acc": rng.random()}
+                # Per-class accuracies (a list) as well: the sidecar does
+                # not average lists, it counts them.
+                metrics = {"num-examples": rng.randint(16, 256), "eval_loss": rng.random(),
+                           "eval_acc": rng.random(), "class_acc": [rng.random(), rng.random()]}
             records["metrics"] = objs.add("MetricRecord", metric_record_body(metrics))
             children = [objs.add("RecordDict", json.dumps(records).encode(),
                                  list(records.values()))]
@@ -1315,6 +1325,7 @@ class SuperNode:
         msg.metadata.message_id = oid
         if error is None:
             msg.content.SetInParent()  # the empty RecordDict, bytes 12 00
+        self.last_metrics = metrics
         return msg, objs
 
     # -------------------------------------------------------------- summary
@@ -1330,7 +1341,8 @@ class SuperNode:
         errors_by_status  {status name: non-OK answers, all methods}
         retries, retries_by_method
         replies, error_replies, instructions [{message_id, reply_id,
-            message_type, round, objects, bytes_pulled, bytes_pushed, error}]
+            message_type, round, objects, bytes_pulled, bytes_pushed, error,
+            metrics (the reply's MetricRecord as a dict, null for an error)}]
         heartbeats_rejected, objects_not_stored,
         bytes_sent, bytes_received (serialized protobuf), object_bytes_pulled,
         object_bytes_pushed

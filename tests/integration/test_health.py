@@ -1136,7 +1136,10 @@ def test_healthz_http(h):
     assert hdrs["content-type"].startswith("text/plain") and hdrs["content-length"] == "8"
     assert hdrs.get("connection") == "close"
     assert http_get(sc.admin, "/metrics")[0] == 200  # Prometheus text (issue 4)
-    for path in ("/", "/healthz/", "/HEALTHZ", "/grpc.health.v1.Health/Check", "/" + "a" * 200):
+    code, hdrs, body = http_get(sc.admin, "/")  # the federation page (issue 17)
+    assert code == 200 and hdrs["content-type"] == "text/html; charset=utf-8" and body.startswith(b"<!DOCTYPE html>")
+    assert http_get(sc.admin, "/v1/federation")[0] == 200
+    for path in ("/healthz/", "/HEALTHZ", "/grpc.health.v1.Health/Check", "/" + "a" * 200, "/v1/federation/", "//"):
         assert http_get(sc.admin, path)[0] == 404, path
     for method in ("POST", "PUT", "DELETE", "OPTIONS"):
         assert http_get(sc.admin, "/healthz", method)[0] == 405, method

@@ -8,15 +8,24 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include "config.h"
 #include "fleet.h"
 #include "metrics.h"
 
 static char out[256 * 1024];
 
 static const fs_fed_run runs[2] = {
-    {.run_id = 18446744073709551615ull, .round = 3, .instructions = 6, .replies = 5, .error_replies = 1, .last_ms = 9},
+    {.run_id = 18446744073709551615ull,
+     .round = 3,
+     .instructions = 6,
+     .replies = 5,
+     .error_replies = 1,
+     .last_ms = 9,
+     .open_since_ms = 500},
     {.run_id = 42, .round = -1, .instructions = 0, .replies = 0, .error_replies = 0, .last_ms = 1},
 };
+
+static const uint64_t node_states[FS_NODE_NSTATES] = {4, 3, 2, 1};
 
 static const fs_metrics_sample sample = {
     .conns_current = 3,
@@ -34,8 +43,10 @@ static const fs_metrics_sample sample = {
     .retries = 2,
     .pings = 11,
     .ping_rtt_s = 0.0125,
-    .has_server_expiry = 1,
-    .server_expiry_s = 7776000,
+    .server_not_after = 1798761600,
+    .now_ms = 2750,
+    .node_states = node_states,
+    .version = "1.2.3",
 };
 
 static size_t render(void) {
@@ -73,7 +84,8 @@ static void counters_after_calls(void **state) {
   fs_metrics_call(FS_FLEET_PUSH_OBJECT, 0, 40000000, 1, 2);    /* beyond the last bucket */
   fs_metrics_call(FS_FLEET_GET_RUN, 99, 1000, 0, 0);           /* not a gRPC status: UNKNOWN */
   fs_metrics_call(FS_FLEET_NONE, 5, 0, 7, 8);                  /* a non-Fleet call */
-  fs_metrics_call(FS_FLEET_SEND_NODE_HEARTBEAT, 0, 150, 1, 1); /* 150 µs: below a millisecond */
+  fs_metrics_call(FS_FLEET_SEND_NODE_HEARTBEAT, 0, 180, 0, 0); /* 0.18 ms: a millisecond clock would say 0 */
+  fs_metrics_call(FS_FLEET_SEND_NODE_HEARTBEAT, 0, 1, 0, 0);
   render();
   has_line("# TYPE flower_sidecar_calls_total counter");
   has_line("flower_sidecar_calls_total{method=\"PullMessages\",status=\"OK\"} 2");
@@ -104,21 +116,6 @@ static void counters_after_calls(void **state) {
   has_line("flower_sidecar_call_duration_seconds_bucket{method=\"PushObject\",le=\"+Inf\"} 2");
   /* a bucket's bound is inclusive: 1 ms is in le="0.001" */
   has_line("flower_sidecar_call_duration_seconds_bucket{method=\"GetRun\",le=\"0.001\"} 1");
-  /* microseconds, not milliseconds: 150 µs is neither 0 nor 1 ms */
-  has_line("flower_sidecar_call_duration_seconds_bucket{method=\"SendNodeHeartbeat\",le=\"0.0001\"} 0");
-  has_line("flower_sidecar_call_duration_seconds_bucket{method=\"SendNodeHeartbeat\",le=\"0.00025\"} 1");
-  has_line("flower_sidecar_call_duration_seconds_sum{method=\"SendNodeHeartbeat\"} 0.000150");
-
-  /* the grpc-ecosystem names, for existing gRPC dashboards */
-  has_line("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method="
-           "\"PushObject\",grpc_code=\"UNAVAILABLE\"} 1");
-  has_line("grpc_server_handled_total{grpc_type=\"unknown\",grpc_service=\"unknown\",grpc_method=\"unknown\","
-           "grpc_code=\"NOT_FOUND\"} 1");
-  has_line("grpc_server_handling_seconds_bucket{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method="
-           "\"PullMessages\",le=\"0.0025\"} 1");
-  has_line("grpc_server_handling_seconds_count{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method="
-           "\"PullMessages\"} 2");
-
   has_line("flower_sidecar_connections 3");
   has_line("flower_sidecar_connections_total 17");
   has_line("flower_sidecar_upstream_up 1");
@@ -138,6 +135,38 @@ static void counters_after_calls(void **state) {
   has_line("flower_sidecar_run_messages_total{run_id=\"18446744073709551615\",kind=\"reply\"} 5");
   has_line("flower_sidecar_run_messages_total{run_id=\"18446744073709551615\",kind=\"error_reply\"} 1");
   has_line("flower_sidecar_run_messages_total{run_id=\"42\",kind=\"reply\"} 0");
+
+  /* sub-millisecond calls land in sub-millisecond buckets, the sum keeps microseconds */
+  has_line("flower_sidecar_call_duration_seconds_bucket{method=\"SendNodeHeartbeat\",le=\"0.0001\"} 1");
+  has_line("flower_sidecar_call_duration_seconds_bucket{method=\"SendNodeHeartbeat\",le=\"0.00025\"} 2");
+  has_line("flower_sidecar_call_duration_seconds_sum{method=\"SendNodeHeartbeat\"} 0.000181");
+  /* the same calls under the grpc-ecosystem names */
+  has_line("# TYPE grpc_server_handled_total counter");
+  has_line(
+      "grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method=\"PullMessages\","
+      "grpc_code=\"OK\"} 2");
+  has_line("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method=\"PushObject\","
+           "grpc_code=\"Unavailable\"} 1");
+  has_line("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\",grpc_method=\"GetRun\","
+           "grpc_code=\"Unknown\"} 1");
+  has_line("grpc_server_handled_total{grpc_type=\"unary\",grpc_service=\"other\",grpc_method=\"other\","
+           "grpc_code=\"NotFound\"} 1");
+  has_line("# TYPE grpc_server_handling_seconds histogram");
+  has_line("grpc_server_handling_seconds_bucket{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\","
+           "grpc_method=\"PushObject\",le=\"2.5\"} 1");
+  has_line("grpc_server_handling_seconds_count{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\","
+           "grpc_method=\"PushObject\"} 2");
+  has_line("grpc_server_handling_seconds_sum{grpc_type=\"unary\",grpc_service=\"flwr.proto.Fleet\","
+           "grpc_method=\"PushObject\"} 42.000000");
+
+  has_line("flower_sidecar_build_info{version=\"1.2.3\"} 1");
+  has_line("flower_sidecar_nodes{state=\"active\"} 4");
+  has_line("flower_sidecar_nodes{state=\"late\"} 3");
+  has_line("flower_sidecar_nodes{state=\"offline\"} 2");
+  has_line("flower_sidecar_nodes{state=\"deactivated\"} 1");
+  /* the open round of the first run started at 500, now is 2750; the other run has none */
+  has_line("flower_sidecar_run_round_open_seconds{run_id=\"18446744073709551615\"} 2.250");
+  no_line_starting("flower_sidecar_run_round_open_seconds{run_id=\"42\"}");
 }
 
 /* For every histogram series: buckets in increasing le, counts never
@@ -145,8 +174,11 @@ static void counters_after_calls(void **state) {
 static void histogram_buckets_monotonic(void **state) {
   static const fs_fleet_method ms[] = {FS_FLEET_REGISTER_NODE, FS_FLEET_PULL_MESSAGES, FS_FLEET_PULL_OBJECT,
                                        FS_FLEET_SEND_NODE_HEARTBEAT, FS_FLEET_NONE};
-  static const uint64_t durations[] = {0,   1,   2,    3,    7,    10,   24,   26,    99,    100,   101,
-                                       250, 999, 1000, 1001, 4999, 5000, 9999, 29999, 30000, 30001, 3600000};
+  /* microseconds */
+  static const uint64_t durations[] = {0,       1,       99,       100,      101,      250,          251,     999,
+                                       1000,    1001,    2000,     3000,     7000,     10000,        24000,   26000,
+                                       99000,   100000,  101000,   250000,   999000,   1000000,      1000001, 4999000,
+                                       5000000, 9999000, 29999000, 30000000, 30000001, 3600000000ull};
   char *line, *save = NULL;
   char cur[64] = "";
   double last_le = -1;
@@ -204,6 +236,7 @@ static void exposition_format(void **state) {
   for (line = strtok_r(out, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
     char name[128], type[32];
     if (!strncmp(line, "# HELP ", 7)) {
+      assert_int_equal(strncmp(line, "# HELP flower_sidecar_", 22) && strncmp(line, "# HELP grpc_server_", 19), 0);
       assert_int_equal(sscanf(line, "# HELP %127s", name), 1);
       snprintf(family, sizeof(family), "%s", name);
       helps++;
@@ -221,19 +254,17 @@ static void exposition_format(void **state) {
     assert_non_null(strrchr(line, ' '));
   }
   assert_int_equal(helps, types);
-  assert_int_equal(helps, 27); /* + probes, outages, outage seconds, nodes offline, 2 grpc-ecosystem families */
+  assert_int_equal(helps, 29); /* every family, build_info included (the sample has a version) */
 }
 
-/* build_info carries the version; nodes_offline the sample's count. */
-static void build_info_and_nodes_offline(void **state) {
+/* build_info carries the version, and is absent without one. */
+static void build_info_only_with_a_version(void **state) {
   static char buf[256 * 1024];
   fs_metrics_sample smp;
   (void)state;
   memset(&smp, 0, sizeof(smp));
-  smp.nodes_offline = 3;
   assert_true(fs_metrics_render(buf, sizeof(buf), &smp) > 0);
   assert_null(strstr(buf, "build_info"));
-  assert_non_null(strstr(buf, "\nflower_sidecar_nodes_offline 3\n"));
   smp.version = "9.8.7";
   assert_true(fs_metrics_render(buf, sizeof(buf), &smp) > 0);
   assert_non_null(strstr(buf, "\nflower_sidecar_build_info{version=\"9.8.7\"} 1\n"));
@@ -245,17 +276,16 @@ static void cert_expiry_only_when_known(void **state) {
   size_t n;
   (void)state;
   render();
-  has_line("# TYPE flower_sidecar_cert_expiry_seconds gauge");
-  has_line("flower_sidecar_cert_expiry_seconds{cert=\"server\"} 7776000");
-  no_line_starting("flower_sidecar_cert_expiry_seconds{cert=\"upstream\"}");
-  s.has_server_expiry = 0;
-  s.has_upstream_expiry = 1;
-  s.upstream_expiry_s = -5; /* expired */
+  has_line("# TYPE flower_sidecar_tls_cert_not_after_seconds gauge");
+  has_line("flower_sidecar_tls_cert_not_after_seconds{cert=\"server\"} 1798761600");
+  no_line_starting("flower_sidecar_tls_cert_not_after_seconds{cert=\"upstream\"}");
+  s.server_not_after = 0;
+  s.upstream_not_after = 946684800; /* 2000-01-01: long expired, still shown as it is */
   n = fs_metrics_render(out, sizeof(out), &s);
   assert_true(n > 0 && n < sizeof(out));
   out[n] = '\0';
-  has_line("flower_sidecar_cert_expiry_seconds{cert=\"upstream\"} -5");
-  no_line_starting("flower_sidecar_cert_expiry_seconds{cert=\"server\"}");
+  has_line("flower_sidecar_tls_cert_not_after_seconds{cert=\"upstream\"} 946684800");
+  no_line_starting("flower_sidecar_tls_cert_not_after_seconds{cert=\"server\"}");
 }
 
 static void small_buffer_gives_zero(void **state) {
@@ -283,7 +313,7 @@ int main(void) {
       cmocka_unit_test_setup(small_buffer_gives_zero, setup),
       cmocka_unit_test_setup(reset_forgets, setup),
       cmocka_unit_test_setup(cert_expiry_only_when_known, setup),
-      cmocka_unit_test_setup(build_info_and_nodes_offline, setup),
+      cmocka_unit_test_setup(build_info_only_with_a_version, setup),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
