@@ -15,6 +15,10 @@
 
 static uv_loop_t *g_loop;
 static uv_prepare_t g_flush;
+/* Ends each loop pass: connections that used their read slice read again. */
+static uv_check_t g_resume;
+static fs_list_node g_paused = {&g_paused, &g_paused};
+static uint64_t g_pass; /* loop passes so far (counted in g_resume) */
 /* Connections marked for a flush before the loop next polls (fs_h2conn.dnode). */
 static fs_list_node g_dirty = {&g_dirty, &g_dirty};
 /* Reads are processed synchronously, so one buffer serves every socket. */
@@ -268,6 +272,32 @@ static void on_prepare(uv_prepare_t *h) {
   }
 }
 
+/* --- read slices ----------------------------------------------------------- */
+
+static void on_alloc(uv_handle_t *h, size_t hint, uv_buf_t *buf);
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf);
+
+/* |c| read its slice: no more until this pass ends. */
+static void slice_pause(fs_h2conn *c) {
+  (void)uv_read_stop((uv_stream_t *)&c->tcp); /* always 0 */
+  fs_list_push_back(&g_paused, &c->pnode);
+}
+
+/* The end of a pass (after the poll phase): paused connections read again,
+ * and their next read is in a new pass. */
+static void on_check(uv_check_t *h) {
+  fs_list_node *n;
+  int rv;
+  (void)h;
+  g_pass++;
+  while ((n = fs_list_first(&g_paused)) != NULL) {
+    fs_h2conn *c = fs_list_entry(n, fs_h2conn, pnode);
+    fs_list_remove(n);
+    if (c->closing) continue;
+    if ((rv = uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read)) < 0) fs_h2conn_close(c, uv_strerror(rv));
+  }
+}
+
 int fs_h2conn_global_init(uv_loop_t *loop) {
   int rv;
   g_loop = loop;
@@ -287,12 +317,21 @@ int fs_h2conn_global_init(uv_loop_t *loop) {
     uv_close((uv_handle_t *)&g_flush, NULL); /* static: nothing to free */
     return rv;
   }
+  if ((rv = uv_check_init(loop, &g_resume)) == 0 && (rv = uv_check_start(&g_resume, on_check)) < 0)
+    uv_close((uv_handle_t *)&g_resume, NULL);
+  if (rv < 0) {
+    (void)uv_prepare_stop(&g_flush); /* always 0 */
+    uv_close((uv_handle_t *)&g_flush, NULL);
+    return rv;
+  }
   return 0;
 }
 
 void fs_h2conn_global_close(void) {
   (void)uv_prepare_stop(&g_flush); /* always 0 */
   uv_close((uv_handle_t *)&g_flush, NULL);
+  (void)uv_check_stop(&g_resume); /* always 0 */
+  uv_close((uv_handle_t *)&g_resume, NULL);
   BIO_meth_free(g_bio_method);
   g_bio_method = NULL;
 }
@@ -404,6 +443,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   }
   c->bytes_in += (uint64_t)nread;
   c->last_rx_ms = uv_now(s->loop);
+  if (c->slice_pass != g_pass) c->slice_pass = g_pass, c->slice_bytes = 0;
+  c->slice_bytes += (size_t)nread;
   if (c->ssl) {
     c->rx = (const uint8_t *)buf->base;
     c->rx_len = (size_t)nread;
@@ -414,7 +455,9 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf) {
   } else {
     feed_h2(c, (const uint8_t *)buf->base, (size_t)nread);
   }
-  if (!c->closing) fs_h2conn_mark(c);
+  if (c->closing) return;
+  fs_h2conn_mark(c);
+  if (c->slice_bytes >= FS_READ_SLICE && !c->close_pending) slice_pause(c);
 }
 
 /* --- lifecycle ---------------------------------------------------------- */
@@ -554,6 +597,7 @@ void fs_h2conn_close(fs_h2conn *c, const char *reason) {
   if (c->ssl && g_stage_owner == c) stage_flush(c);
   c->closing = 1;
   dirty_remove(c);
+  fs_list_remove(&c->pnode);
   if (c->connected && !c->inflight && c->outq.len) {
     uv_buf_t bufs[8];
     size_t total;

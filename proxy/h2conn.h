@@ -11,6 +11,13 @@
  * syscalls, and lets one connection's callbacks make others dirty without
  * recursion.
  *
+ * Input is read in slices: a connection that has read FS_READ_SLICE bytes
+ * in one loop pass stops reading until the pass ends (libuv's check phase),
+ * so one peer's burst never holds the loop while timers, signals, the admin
+ * port and every other connection wait (without it libuv reads up to 32 x
+ * 64 KiB per connection and pass).  Between slices the data path runs: the
+ * flush writes what the slice produced.
+ *
  * Ownership: the embedding object (the proxy's connections, admin's,
  * uphealth's) allocates the fs_h2conn and calls fs_h2conn_init().  When that
  * fails the object is still the caller's to free; once it succeeds the loop
@@ -32,6 +39,10 @@
 
 /* TLS plaintext is gathered into records of this size. */
 #define FS_TLS_RECORD 16384
+
+/* Socket bytes one connection reads in one loop pass, at most (plus one
+ * read of at most 64 KiB that crosses it). */
+#define FS_READ_SLICE (128 * 1024)
 
 typedef struct fs_h2conn fs_h2conn;
 
@@ -73,6 +84,9 @@ struct fs_h2conn {
   const uint8_t *rx; /* ciphertext the BIO hands to OpenSSL */
   size_t rx_len;
   fs_list_node dnode;           /* in the list of connections to flush (zeroed: in none) */
+  fs_list_node pnode;           /* in the list of connections paused for this pass (zeroed: in none) */
+  uint64_t slice_pass;          /* the loop pass |slice_bytes| counts */
+  size_t slice_bytes;           /* socket bytes read in that pass */
   uint64_t bytes_in, bytes_out; /* socket bytes */
   uint64_t last_rx_ms;          /* loop time of the last byte read */
   uint64_t opened_ms;
@@ -84,12 +98,12 @@ struct fs_h2conn {
   char close_reason[160];
 };
 
-/* Prepares the loop-wide flush handle (and the TLS BIO method).  Call once
- * before any connection.  Returns 0, or a libuv error (UV_ENOMEM when
+/* Prepares the loop-wide flush and resume handles (and the TLS BIO
+ * method).  Call once before any connection.  Returns 0, or a libuv error (UV_ENOMEM when
  * OpenSSL cannot create the BIO method); then fs_h2conn_global_close() must
  * not be called. */
 int fs_h2conn_global_init(uv_loop_t *loop);
-/* Stops the flush handle so the loop can end. */
+/* Stops the flush and resume handles so the loop can end. */
 void fs_h2conn_global_close(void);
 
 /* Initialises |c| (zeroed first: its TCP handle, then its timer) on |loop|,
