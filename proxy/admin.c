@@ -537,6 +537,12 @@ static void http_request(aconn *c) {
     smp.runs = runs;
     smp.n_runs = fs_fed_runs(runs);
     smp.conns_refused = ps->conns_refused;
+    {
+      fs_proxy_budget_view bv;
+      fs_proxy_get_budget(&bv);
+      smp.calls_open = bv.calls_open, smp.calls_refused = ps->calls_refused, smp.calls_evicted = ps->calls_evicted;
+      smp.buffer_pool_used = bv.pool_used, smp.buffer_pool_cap = bv.pool_cap, smp.buffer_pool_refused = bv.pool_refused;
+    }
     smp.probes = ps->probes, smp.outages = ps->outages, smp.outage_s = (double)ps->outage_ms / 1000.0;
     if (A.cfg->onegate == FS_ONEGATE_ON) {
       const fs_onegate_stats *og = fs_onegate_get_stats();

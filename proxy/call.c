@@ -1,6 +1,7 @@
 /* call: see call.h. */
 #include "call.h"
 
+#include <inttypes.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -75,6 +76,10 @@ fs_call *fs_call_new(void) {
     fs_list_node_init(&c->leg[i].node);
   }
   fs_list_node_init(&c->qnode);
+  c->t_moved = fs_now_ms();
+  if (!fs_env.idle_calls.next) fs_list_init(&fs_env.idle_calls); /* zeroed: before fs_proxy_start (unit tests) */
+  fs_list_push_back(&fs_env.idle_calls, &c->lru);
+  fs_env.calls_open++;
   fs_bufq_init(&c->replay, fs_env.cfg->retry_buffer);
   c->replay_on = fs_env.cfg->retry_buffer > 0;
   c->t_start = fs_now_ms();
@@ -140,6 +145,9 @@ static void call_free(fs_call *c) {
     fs_hdrs_clear(&c->head[i]);
   }
   if (c->path) nghttp2_rcbuf_decref(c->path);
+  if (fs_list_linked(&c->lru)) fs_env.calls_open--;
+  fs_list_remove(&c->lru);
+  fs_budget_give(&fs_env.buffers, c->granted);
   free(c);
   fs_env.calls_freed++;
 }
@@ -307,20 +315,70 @@ nghttp2_data_provider fs_call_provider(fs_call *c, int sink) {
   return prd;
 }
 
+/* A byte of |c| moved: it is the least idle call now. */
+static void moved(fs_call *c) {
+  if (!fs_list_linked(&c->lru)) return; /* evicted */
+  c->t_moved = fs_now_ms();
+  fs_list_remove(&c->lru);
+  fs_list_push_back(&fs_env.idle_calls, &c->lru);
+}
+
+/* Widens leg |side|'s stream window from FS_CALL_FIRST_WINDOW to
+ * --stream-window with bytes from the pool.  Returns 0 when done (or
+ * nothing to do), -1 when the pool has no room (try later). */
+static int widen(fs_call *c, int side) {
+  fs_pconn *pc = c->leg[side].conn;
+  uint32_t extra =
+      fs_env.cfg->stream_window > FS_CALL_FIRST_WINDOW ? fs_env.cfg->stream_window - FS_CALL_FIRST_WINDOW : 0;
+  int rv;
+  if (!pc || pc->h2.closing || c->leg[side].sid <= 0 || !extra) return 0;
+  if (fs_budget_take(&fs_env.buffers, extra) < 0) return -1;
+  c->granted += extra;
+  rv = nghttp2_session_set_local_window_size(pc->h2.session, NGHTTP2_FLAG_NONE, c->leg[side].sid,
+                                             (int32_t)fs_env.cfg->stream_window);
+  if (rv != 0) {
+    fs_pconn_broken(pc, "opening a stream window", rv);
+    return 0;
+  }
+  fs_h2conn_mark(&pc->h2);
+  return 0;
+}
+
 /* The client takes the response: its upstream stream may now use the full
  * stream window (it started with FS_CALL_FIRST_WINDOW). */
 static void grant_full_window(fs_call *c) {
-  fs_pconn *u = c->leg[FS_UP].conn;
-  int rv;
-  c->up_window = 1;
-  if (!u || u->h2.closing || c->leg[FS_UP].sid <= 0 || fs_env.cfg->stream_window <= FS_CALL_FIRST_WINDOW) return;
-  rv = nghttp2_session_set_local_window_size(u->h2.session, NGHTTP2_FLAG_NONE, c->leg[FS_UP].sid,
-                                             (int32_t)fs_env.cfg->stream_window);
-  if (rv != 0) {
-    fs_pconn_broken(u, "opening a stream window", rv);
-    return;
+  if (widen(c, FS_UP) == 0) c->up_window = 1;
+}
+
+void fs_call_widen_down(fs_call *c) {
+  if (!c->down_window && widen(c, FS_DOWN) == 0) c->down_window = 1;
+}
+
+int fs_call_admit(void) {
+  fs_list_node *n = fs_list_first(&fs_env.idle_calls);
+  fs_call *old = n ? fs_list_entry(n, fs_call, lru) : NULL;
+  uint64_t now = fs_now_ms();
+  switch (
+      fs_policy_admit(fs_env.calls_open, fs_env.cfg->max_calls, old && now > old->t_moved ? now - old->t_moved : 0)) {
+  case FS_ADMIT_OK:
+    return 0;
+  case FS_ADMIT_EVICT:
+    fs_list_remove(&old->lru);
+    fs_env.calls_open--;
+    fs_env.stats.calls_evicted++;
+    fs_call_fail(old, FS_GRPC_RESOURCE_EXHAUSTED,
+                 "flower-sidecar: call idle for %" PRIu64 " ms ended to admit another (--max-calls %u)",
+                 now - old->t_moved, fs_env.cfg->max_calls);
+    /* Its client may read nothing (that is how calls sit idle): the reset
+     * frees the streams whatever it does. */
+    fs_call_rst(old, FS_DOWN, NGHTTP2_ENHANCE_YOUR_CALM);
+    fs_call_maybe_free(old);
+    return 0;
+  case FS_ADMIT_REFUSE:
+    break;
   }
-  fs_h2conn_mark(&u->h2);
+  fs_env.stats.calls_refused++;
+  return -1;
 }
 
 int fs_call_send_data(fs_call *c, int sink, fs_pconn *pc, const nghttp2_frame *frame, const uint8_t *framehd,
@@ -347,6 +405,7 @@ int fs_call_send_data(fs_call *c, int sink, fs_pconn *pc, const nghttp2_frame *f
     left -= take;
   }
   if (padlen > 1) fs_h2conn_write(&pc->h2, zeros, padlen - 1);
+  if (length > 0) moved(c);
   if (sink == FS_UP) replay_keep(c, &f->data, length);
   if (sink == FS_DOWN && !c->up_window && length > 0) grant_full_window(c);
   fs_bufq_drop(&f->data, length);
@@ -383,6 +442,7 @@ void fs_call_recv_data(fs_call *c, int side, const uint8_t *data, size_t len) {
     return;
   }
   c->bytes[side] += len;
+  moved(c);
   fs_obs_data(c->obs, side, data, len);
   if (fs_bufq_append(&f->data, data, len) < 0) {
     /* Only a peer ignoring flow control, or no memory, gets here. */

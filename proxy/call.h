@@ -27,6 +27,7 @@
 #include "hdrs.h"
 #include "list.h"
 #include "observe.h"
+#include "policy.h"
 #include "proxy.h"
 
 enum { FS_DOWN = 0, FS_UP = 1 };
@@ -96,6 +97,10 @@ struct fs_call {
   uint8_t replay_on;    /* replay holds every byte sent on this attempt */
   uint8_t up_headers;   /* response headers arrived: the upstream processed the call */
   uint8_t up_window;    /* the upstream stream got its full window (the client takes bytes) */
+  uint8_t down_window;  /* the client's stream got its full window (it sends a body) */
+  uint32_t granted;     /* bytes of fs_env.buffers those two windows took */
+  fs_list_node lru;     /* in fs_env.idle_calls, least recently moving first (unlinked: evicted) */
+  uint64_t t_moved;     /* loop clock, ms: the last byte this call moved */
   uint8_t req_trailers; /* request trailers were sent (not kept: no repeat) */
   uint8_t attempts;     /* repeats made */
   uint8_t resp_started; /* response headers went to the client */
@@ -114,6 +119,9 @@ typedef struct fs_proxy_env {
   fs_proxy_stats stats;
   size_t replay_total, replay_max; /* request bytes kept for repeats, all calls; and their cap */
   uint64_t calls_freed;            /* since start (proxy.c hands memory back to the system after many) */
+  uint64_t calls_open;             /* calls in idle_calls: counted against --max-calls */
+  fs_list_node idle_calls;         /* open calls, the one idle longest first */
+  fs_budget buffers;               /* --max-buffer: stream windows beyond the first block */
   uint8_t draining;
 } fs_proxy_env;
 
@@ -145,6 +153,17 @@ void fs_pconn_note_sent_goaway(fs_pconn *pc, const nghttp2_frame *frame);
 
 /* Allocates a call (counted in fs_env.stats).  Returns NULL when out of memory. */
 fs_call *fs_call_new(void);
+
+/* A new call is about to open: at --max-calls, the call idle longest ends
+ * RESOURCE_EXHAUSTED to make room when it has moved no byte for
+ * FS_POLICY_EVICT_IDLE_MS.  Returns 0 when the new call may open, -1 when it
+ * must be refused (REFUSED_STREAM; counted). */
+int fs_call_admit(void);
+
+/* The client sends a request body: its stream may use the full
+ * --stream-window (it started with FS_CALL_FIRST_WINDOW) if the buffer pool
+ * has room; tried again at each DATA until it has. */
+void fs_call_widen_down(fs_call *c);
 
 /* The call's final gRPC status is known: count it and end observation.
  * Runs once per call; later calls do nothing. */

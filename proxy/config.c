@@ -47,6 +47,8 @@ enum {
   OPT_IDLE_TIMEOUT,
   OPT_DRAIN_TIMEOUT,
   OPT_MAX_STREAMS,
+  OPT_MAX_CALLS,
+  OPT_MAX_BUFFER,
   OPT_MAX_HEADER_LIST,
   OPT_MAX_MESSAGE,
   OPT_STREAM_WINDOW,
@@ -99,6 +101,8 @@ static const struct option long_opts[] = {{"listen", required_argument, 0, OPT_L
                                           {"idle-timeout", required_argument, 0, OPT_IDLE_TIMEOUT},
                                           {"drain-timeout", required_argument, 0, OPT_DRAIN_TIMEOUT},
                                           {"max-concurrent-streams", required_argument, 0, OPT_MAX_STREAMS},
+                                          {"max-calls", required_argument, 0, OPT_MAX_CALLS},
+                                          {"max-buffer", required_argument, 0, OPT_MAX_BUFFER},
                                           {"max-header-list-size", required_argument, 0, OPT_MAX_HEADER_LIST},
                                           {"max-message-size", required_argument, 0, OPT_MAX_MESSAGE},
                                           {"stream-window", required_argument, 0, OPT_STREAM_WINDOW},
@@ -157,6 +161,10 @@ void fs_config_usage(void) {
         "  auto-generated server certificate is renewed while running with a third of its life left\n"
         "Limits (sizes in bytes, K/M/G suffixes allowed; times in seconds):\n"
         "  --max-concurrent-streams N    per downstream connection (1000)\n"
+        "  --max-calls N                 calls open at once in the process (4096); beyond it the call idle\n"
+        "                                longest (2 s or more) ends RESOURCE_EXHAUSTED, else REFUSED_STREAM\n"
+        "  --max-buffer N                bytes for stream windows beyond the first 16K, all calls (64M): bounds\n"
+        "                                buffers to --max-calls x 2 x 16K + N; spent, calls go on more slowly\n"
         "  --max-header-list-size N      request/response header block size (8192)\n"
         "  --max-message-size N          largest gRPC message either way (2147483647)\n"
         "  --stream-window N             bytes buffered per stream and direction (262144)\n"
@@ -399,6 +407,12 @@ static int apply(fs_config *c, int opt, const char *v, const char *what, char *e
     return parse_size(v, 1, 100000, &c->max_concurrent_streams)
                ? fail(err, errlen, what, v, "expected a count in [1, 100000]")
                : 0;
+  case OPT_MAX_CALLS:
+    return parse_size(v, 1, 1000000, &c->max_calls) ? fail(err, errlen, what, v, "expected a count in [1, 1000000]")
+                                                    : 0;
+  case OPT_MAX_BUFFER:
+    return parse_size(v, 0, 4095u << 20, &c->max_buffer) ? fail(err, errlen, what, v, "expected bytes in [0, 4095M]")
+                                                         : 0;
   case OPT_MAX_HEADER_LIST:
     return parse_size(v, 1024, 1 << 20, &c->max_header_list_size)
                ? fail(err, errlen, what, v, "expected bytes in [1K, 1M]")
@@ -511,6 +525,8 @@ static void set_defaults(fs_config *c) {
   c->drain_timeout_s = 10;
   c->tls_ca_switch_delay_s = 10;
   c->max_concurrent_streams = 1000;
+  c->max_calls = 4096;
+  c->max_buffer = 64u << 20;
   c->max_header_list_size = 8192;
   c->max_message_size = 2147483647u;
   c->stream_window = 256 * 1024;

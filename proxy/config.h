@@ -57,6 +57,8 @@ typedef struct fs_config {
   double idle_timeout_s; /* 0: never */
   double drain_timeout_s;
   uint32_t max_concurrent_streams;
+  uint32_t max_calls;  /* calls open at once in the process (policy.h, fs_policy_admit) */
+  uint32_t max_buffer; /* the pool stream windows beyond the first block are taken from (fs_budget) */
   uint32_t max_header_list_size;
   uint32_t max_message_size;
   uint32_t stream_window; /* bytes buffered per stream and direction, at most */

@@ -82,6 +82,14 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void
   fs_call *c;
   int rv;
   if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
+  if (fs_call_admit() < 0) {
+    /* No call: what else arrives on the stream is ignored (on_header,
+     * on_data_chunk) until the reset closes it. */
+    if ((rv = nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_REFUSED_STREAM)) != 0)
+      return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
+    fs_h2conn_mark(&d->pc.h2);
+    return 0;
+  }
   if (!(c = fs_call_new())) return NGHTTP2_ERR_TEMPORAL_CALLBACK_FAILURE;
   if ((rv = nghttp2_session_set_stream_user_data(s, frame->hd.stream_id, c)) != 0) {
     fs_call_maybe_free(c);
@@ -207,6 +215,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
   int rv;
   (void)flags;
   if (c) {
+    fs_call_widen_down(c);
     fs_call_recv_data(c, FS_DOWN, data, len);
   } else if ((rv = nghttp2_session_consume(s, sid, len)) != 0) {
     /* A stream we do not know (reset by us): its bytes still count. */
@@ -286,7 +295,9 @@ static int conn_ready(fs_h2conn *h) {
   const fs_config *cfg = fs_env.cfg;
   nghttp2_settings_entry iv[] = {
       {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, cfg->max_concurrent_streams},
-      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, cfg->stream_window},
+      /* widened to --stream-window when a body comes and the pool has room */
+      {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE,
+       cfg->stream_window < FS_CALL_FIRST_WINDOW ? cfg->stream_window : FS_CALL_FIRST_WINDOW},
       {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, cfg->max_header_list_size},
   };
   /* The client's preface and SETTINGS must follow within the handshake

@@ -107,6 +107,21 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   put(&o, "flower_sidecar_connections_total %" PRIu64 "\n", s->conns_total);
   head(&o, "connections_refused_total", "counter", "Client connections closed at once: --max-connections reached.");
   put(&o, "flower_sidecar_connections_refused_total %" PRIu64 "\n", s->conns_refused);
+  head(&o, "calls_open", "gauge", "Calls open now (counted against --max-calls).");
+  put(&o, "flower_sidecar_calls_open %" PRIu64 "\n", s->calls_open);
+  head(&o, "calls_refused_total", "counter",
+       "New calls refused with REFUSED_STREAM: --max-calls reached and no call idle for 2 s to give way.");
+  put(&o, "flower_sidecar_calls_refused_total %" PRIu64 "\n", s->calls_refused);
+  head(&o, "calls_evicted_total", "counter",
+       "Calls idle for 2 s or more ended RESOURCE_EXHAUSTED to admit a new one (--max-calls reached).");
+  put(&o, "flower_sidecar_calls_evicted_total %" PRIu64 "\n", s->calls_evicted);
+  head(&o, "buffer_pool_bytes", "gauge",
+       "The pool stream windows beyond their first 16 KiB are taken from (--max-buffer): used, and its cap.");
+  put(&o, "flower_sidecar_buffer_pool_bytes{state=\"used\"} %" PRIu64 "\n", s->buffer_pool_used);
+  put(&o, "flower_sidecar_buffer_pool_bytes{state=\"cap\"} %" PRIu64 "\n", s->buffer_pool_cap);
+  head(&o, "buffer_pool_refusals_total", "counter",
+       "Stream windows left at 16 KiB for now because the pool was spent (the calls go on more slowly).");
+  put(&o, "flower_sidecar_buffer_pool_refusals_total %" PRIu64 "\n", s->buffer_pool_refused);
   head(&o, "upstream_probes_total", "counter",
        "TCP probes of an upstream unreachable at the network level (--probe-interval).");
   put(&o, "flower_sidecar_upstream_probes_total %" PRIu64 "\n", s->probes);

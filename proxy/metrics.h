@@ -36,6 +36,8 @@ typedef struct fs_metrics_sample {
   uint64_t calls_held, calls_failed_down, retries, pings;
   double ping_rtt_s; /* <= 0: not measured yet */
   uint64_t conns_refused;
+  uint64_t calls_open, calls_refused, calls_evicted;
+  uint64_t buffer_pool_used, buffer_pool_cap, buffer_pool_refused;
   uint64_t probes, outages;
   double outage_s;
   int onegate; /* the OneGate client runs: its counters follow */

@@ -111,3 +111,21 @@ uint64_t fs_policy_probe_delay(uint64_t interval_ms, uint64_t rnd) {
   uint64_t span = interval_ms * 2 / 5; /* 40 %: from 0.8 to 1.2 x */
   return interval_ms - interval_ms / 5 + (span ? rnd % (span + 1) : 0);
 }
+
+/* --- budgets --------------------------------------------------------------------- */
+
+int fs_budget_take(fs_budget *b, uint64_t n) {
+  if (n > b->cap || b->used > b->cap - n) {
+    b->refused++;
+    return -1;
+  }
+  b->used += n;
+  return 0;
+}
+
+void fs_budget_give(fs_budget *b, uint64_t n) { b->used = n > b->used ? 0 : b->used - n; }
+
+fs_admit fs_policy_admit(uint64_t live, uint32_t max_calls, uint64_t oldest_idle_ms) {
+  if (live < max_calls) return FS_ADMIT_OK;
+  return oldest_idle_ms >= FS_POLICY_EVICT_IDLE_MS ? FS_ADMIT_EVICT : FS_ADMIT_REFUSE;
+}

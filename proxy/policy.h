@@ -185,4 +185,37 @@ typedef enum {
  * for FS_IDLE_ARM. */
 fs_idle_action fs_policy_idle(int ready, int closing, uint32_t streams, int ever_used, uint64_t idle_ms, uint64_t *ms);
 
+/* --- the process's call and buffer budgets -------------------------------------- */
+
+/* Every stream starts with a window of one buffer block each way
+ * (FS_CALL_FIRST_WINDOW); widening it to --stream-window takes the
+ * difference from one pool of --max-buffer bytes, handed back when the call
+ * ends.  So buffers stay under --max-calls x 2 first windows + --max-buffer,
+ * however the clients behave: a client that reads nothing holds one block
+ * per call, and when the pool is spent calls go on with their first window
+ * (slower, never failed). */
+typedef struct fs_budget {
+  uint64_t cap, used;
+  uint64_t refused; /* takes that did not fit */
+} fs_budget;
+
+/* Takes |n| bytes from |b|: 0, or -1 (counted in b->refused, nothing
+ * taken) when they would exceed its cap. */
+int fs_budget_take(fs_budget *b, uint64_t n);
+/* Hands back |n| bytes taken before. */
+void fs_budget_give(fs_budget *b, uint64_t n);
+
+typedef enum {
+  FS_ADMIT_OK,     /* below --max-calls */
+  FS_ADMIT_EVICT,  /* at the cap: the call idle longest gives way (RESOURCE_EXHAUSTED), then admit */
+  FS_ADMIT_REFUSE, /* at the cap and every call moves: REFUSED_STREAM (clients may retry it: never processed) */
+} fs_admit;
+
+/* A call is evicted only when no byte of it moved for this long. */
+#define FS_POLICY_EVICT_IDLE_MS 2000
+
+/* A new call arrives with |live| calls open and --max-calls |max_calls|;
+ * the call idle longest has moved no byte for |oldest_idle_ms|. */
+fs_admit fs_policy_admit(uint64_t live, uint32_t max_calls, uint64_t oldest_idle_ms);
+
 #endif

@@ -87,6 +87,8 @@ int fs_proxy_start(uv_loop_t *loop, const fs_config *cfg, SSL_CTX *down_ctx, SSL
   fs_env.loop = loop;
   fs_env.cfg = cfg;
   fs_env.replay_max = (size_t)cfg->retry_buffer * 8;
+  fs_env.buffers.cap = cfg->max_buffer;
+  if (!fs_env.idle_calls.next) fs_list_init(&fs_env.idle_calls);
   memset(&up, 0, sizeof(up));
   up.tls = up_ctx;
   /* The node role owns a WAN link to the SuperLink: it watches it with
@@ -116,4 +118,11 @@ void fs_proxy_drain(void) {
   fs_downstream_drain((uint64_t)(fs_env.cfg->drain_timeout_s * 1000));
   state_changed();
   maybe_stopped();
+}
+
+void fs_proxy_get_budget(fs_proxy_budget_view *v) {
+  v->calls_open = fs_env.calls_open;
+  v->pool_used = fs_env.buffers.used;
+  v->pool_cap = fs_env.buffers.cap;
+  v->pool_refused = fs_env.buffers.refused;
 }

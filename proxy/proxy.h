@@ -29,7 +29,15 @@ typedef struct fs_proxy_stats {
   uint64_t ping_rtt_us;        /* last PING round trip; 0 none yet */
   uint64_t probes;             /* TCP probes of an unreachable upstream */
   uint64_t outages, outage_ms; /* upstream outages ended, and their total duration */
+  uint64_t calls_refused;      /* REFUSED_STREAM: --max-calls reached and every call moving */
+  uint64_t calls_evicted;      /* ended RESOURCE_EXHAUSTED to admit a new call (--max-calls) */
 } fs_proxy_stats;
+
+/* The call and buffer budgets now (--max-calls, --max-buffer). */
+typedef struct fs_proxy_budget_view {
+  uint64_t calls_open, pool_used, pool_cap, pool_refused;
+} fs_proxy_budget_view;
+void fs_proxy_get_budget(fs_proxy_budget_view *v);
 
 /* Starts listening on cfg->listen (fs_h2conn_global_init() first) and connecting to cfg->upstream.
  * |down_ctx| (listener TLS) and |up_ctx| (upstream TLS) may be NULL for

@@ -44,6 +44,12 @@ static const fs_metrics_sample sample = {
     .pings = 11,
     .ping_rtt_s = 0.0125,
     .server_not_after = 1798761600,
+    .calls_open = 12,
+    .calls_refused = 5,
+    .calls_evicted = 6,
+    .buffer_pool_used = 1000,
+    .buffer_pool_cap = 67108864,
+    .buffer_pool_refused = 9,
     .now_ms = 2750,
     .node_states = node_states,
     .version = "1.2.3",
@@ -117,6 +123,12 @@ static void counters_after_calls(void **state) {
   /* a bucket's bound is inclusive: 1 ms is in le="0.001" */
   has_line("flower_sidecar_call_duration_seconds_bucket{method=\"GetRun\",le=\"0.001\"} 1");
   has_line("flower_sidecar_connections 3");
+  has_line("flower_sidecar_calls_open 12");
+  has_line("flower_sidecar_calls_refused_total 5");
+  has_line("flower_sidecar_calls_evicted_total 6");
+  has_line("flower_sidecar_buffer_pool_bytes{state=\"used\"} 1000");
+  has_line("flower_sidecar_buffer_pool_bytes{state=\"cap\"} 67108864");
+  has_line("flower_sidecar_buffer_pool_refusals_total 9");
   has_line("flower_sidecar_connections_total 17");
   has_line("flower_sidecar_upstream_up 1");
   has_line("flower_sidecar_upstream_connects_total 4");
@@ -254,7 +266,7 @@ static void exposition_format(void **state) {
     assert_non_null(strrchr(line, ' '));
   }
   assert_int_equal(helps, types);
-  assert_int_equal(helps, 29); /* every family, build_info included (the sample has a version) */
+  assert_int_equal(helps, 34); /* every family, build_info included (the sample has a version) */
 }
 
 /* build_info carries the version, and is absent without one. */

@@ -237,6 +237,37 @@ static void probe_delay_is_the_interval_plus_minus_20_percent(void **state) {
   assert_int_equal(fs_policy_probe_delay(0, 12345), 0);
 }
 
+/* The buffer pool: takes that fit, refusals that take nothing, give-backs. */
+static void budget_takes_what_fits(void **state) {
+  fs_budget b = {.cap = 1000};
+  (void)state;
+  assert_int_equal(fs_budget_take(&b, 600), 0);
+  assert_int_equal(fs_budget_take(&b, 401), -1); /* would be 1001 */
+  assert_int_equal(b.used, 600);
+  assert_int_equal(b.refused, 1);
+  assert_int_equal(fs_budget_take(&b, 400), 0); /* exactly the cap */
+  assert_int_equal(fs_budget_take(&b, 1), -1);
+  fs_budget_give(&b, 600);
+  assert_int_equal(b.used, 400);
+  assert_int_equal(fs_budget_take(&b, UINT64_MAX), -1); /* no overflow */
+  fs_budget_give(&b, 5000);                             /* never below 0 */
+  assert_int_equal(b.used, 0);
+  b.cap = 0;
+  assert_int_equal(fs_budget_take(&b, 1), -1);
+  assert_int_equal(fs_budget_take(&b, 0), 0);
+}
+
+/* --max-calls: below it, admit; at it, evict a call idle long enough, else refuse. */
+static void calls_beyond_the_cap_evict_the_idle_or_are_refused(void **state) {
+  (void)state;
+  assert_int_equal(fs_policy_admit(0, 10, 0), FS_ADMIT_OK);
+  assert_int_equal(fs_policy_admit(9, 10, 0), FS_ADMIT_OK);
+  assert_int_equal(fs_policy_admit(10, 10, 0), FS_ADMIT_REFUSE);
+  assert_int_equal(fs_policy_admit(10, 10, FS_POLICY_EVICT_IDLE_MS - 1), FS_ADMIT_REFUSE);
+  assert_int_equal(fs_policy_admit(10, 10, FS_POLICY_EVICT_IDLE_MS), FS_ADMIT_EVICT);
+  assert_int_equal(fs_policy_admit(11, 10, 60000), FS_ADMIT_EVICT);
+}
+
 int main(void) {
   const struct CMUnitTest tests[] = {
       cmocka_unit_test(hold_ends_before_the_call_deadline),
@@ -251,6 +282,8 @@ int main(void) {
       cmocka_unit_test(flood_limits_follow_useful_work),
       cmocka_unit_test(attempts_that_never_reached_the_upstream_are_probed),
       cmocka_unit_test(probe_delay_is_the_interval_plus_minus_20_percent),
+      cmocka_unit_test(budget_takes_what_fits),
+      cmocka_unit_test(calls_beyond_the_cap_evict_the_idle_or_are_refused),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
