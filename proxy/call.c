@@ -350,16 +350,31 @@ static void grant_full_window(fs_call *c) {
   if (widen(c, FS_UP) == 0) c->up_window = 1;
 }
 
-void fs_call_widen_down(fs_call *c) {
-  if (!c->down_window && widen(c, FS_DOWN) == 0) c->down_window = 1;
+void fs_call_widen_down(fs_call *c, size_t len) {
+  if (!c->down_window && c->bytes[FS_DOWN] + len >= FS_CALL_FIRST_WINDOW / 2 && widen(c, FS_DOWN) == 0)
+    c->down_window = 1;
 }
 
-int fs_call_admit(void) {
-  fs_list_node *n = fs_list_first(&fs_env.idle_calls);
-  fs_call *old = n ? fs_list_entry(n, fs_call, lru) : NULL;
+/* Candidates to give way at --max-calls: this many of the calls idle longest. */
+#define ADMIT_CANDIDATES 16
+
+int fs_call_admit(const fs_pconn *pc) {
+  fs_list_node *n;
+  fs_call *old = NULL;
   uint64_t now = fs_now_ms();
-  switch (
-      fs_policy_admit(fs_env.calls_open, fs_env.cfg->max_calls, old && now > old->t_moved ? now - old->t_moved : 0)) {
+  int seen = 0;
+  fs_admit verdict = FS_ADMIT_REFUSE;
+  if (fs_env.calls_open < fs_env.cfg->max_calls) return 0;
+  fs_list_for_each(n, &fs_env.idle_calls) {
+    const fs_pconn *oc;
+    if (seen++ == ADMIT_CANDIDATES) break;
+    old = fs_list_entry(n, fs_call, lru);
+    oc = old->leg[FS_DOWN].conn;
+    verdict = fs_policy_admit(fs_env.calls_open, fs_env.cfg->max_calls, now > old->t_moved ? now - old->t_moved : 0,
+                              old->fl[FS_UP].data.len > 0, oc ? oc->nstreams : 0, pc->nstreams);
+    if (verdict != FS_ADMIT_REFUSE) break;
+  }
+  switch (verdict) {
   case FS_ADMIT_OK:
     return 0;
   case FS_ADMIT_EVICT:
@@ -367,8 +382,8 @@ int fs_call_admit(void) {
     fs_env.calls_open--;
     fs_env.stats.calls_evicted++;
     fs_call_fail(old, FS_GRPC_RESOURCE_EXHAUSTED,
-                 "flower-sidecar: call idle for %" PRIu64 " ms ended to admit another (--max-calls %u)",
-                 now - old->t_moved, fs_env.cfg->max_calls);
+                 "flower-sidecar: ended to admit another call (--max-calls %u reached; idle %" PRIu64 " ms)",
+                 fs_env.cfg->max_calls, now - old->t_moved);
     /* Its client may read nothing (that is how calls sit idle): the reset
      * frees the streams whatever it does. */
     fs_call_rst(old, FS_DOWN, NGHTTP2_ENHANCE_YOUR_CALM);
@@ -407,7 +422,9 @@ int fs_call_send_data(fs_call *c, int sink, fs_pconn *pc, const nghttp2_frame *f
   if (padlen > 1) fs_h2conn_write(&pc->h2, zeros, padlen - 1);
   if (length > 0) moved(c);
   if (sink == FS_UP) replay_keep(c, &f->data, length);
-  if (sink == FS_DOWN && !c->up_window && length > 0) grant_full_window(c);
+  /* only a response larger than half the first window needs more */
+  if (sink == FS_DOWN && !c->up_window && length > 0 && c->bytes[FS_UP] >= FS_CALL_FIRST_WINDOW / 2)
+    grant_full_window(c);
   fs_bufq_drop(&f->data, length);
   f->promised = 0;
   /* The bytes are on their way: let the sender send more (a replay's bytes

@@ -154,16 +154,17 @@ void fs_pconn_note_sent_goaway(fs_pconn *pc, const nghttp2_frame *frame);
 /* Allocates a call (counted in fs_env.stats).  Returns NULL when out of memory. */
 fs_call *fs_call_new(void);
 
-/* A new call is about to open: at --max-calls, the call idle longest ends
- * RESOURCE_EXHAUSTED to make room when it has moved no byte for
- * FS_POLICY_EVICT_IDLE_MS.  Returns 0 when the new call may open, -1 when it
- * must be refused (REFUSED_STREAM; counted). */
-int fs_call_admit(void);
+/* A new call is about to open on client connection |pc|: at --max-calls,
+ * the call idle longest ends RESOURCE_EXHAUSTED to make room when
+ * fs_policy_admit() says so.  Returns 0 when the new call may open, -1 when
+ * it must be refused (REFUSED_STREAM; counted). */
+int fs_call_admit(const fs_pconn *pc);
 
-/* The client sends a request body: its stream may use the full
- * --stream-window (it started with FS_CALL_FIRST_WINDOW) if the buffer pool
- * has room; tried again at each DATA until it has. */
-void fs_call_widen_down(fs_call *c);
+/* The client sends |len| more bytes of a request body: once the body
+ * reaches half the first window (a small body never needs more), its
+ * stream may use the full --stream-window if the buffer pool has room;
+ * tried again at each DATA until it has. */
+void fs_call_widen_down(fs_call *c, size_t len);
 
 /* The call's final gRPC status is known: count it and end observation.
  * Runs once per call; later calls do nothing. */

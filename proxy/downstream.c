@@ -82,7 +82,7 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *frame, void
   fs_call *c;
   int rv;
   if (frame->hd.type != NGHTTP2_HEADERS || frame->headers.cat != NGHTTP2_HCAT_REQUEST) return 0;
-  if (fs_call_admit() < 0) {
+  if (fs_call_admit(&d->pc) < 0) {
     /* No call: what else arrives on the stream is ignored (on_header,
      * on_data_chunk) until the reset closes it. */
     if ((rv = nghttp2_submit_rst_stream(s, NGHTTP2_FLAG_NONE, frame->hd.stream_id, NGHTTP2_REFUSED_STREAM)) != 0)
@@ -215,7 +215,7 @@ static int on_data_chunk(nghttp2_session *s, uint8_t flags, int32_t sid, const u
   int rv;
   (void)flags;
   if (c) {
-    fs_call_widen_down(c);
+    fs_call_widen_down(c, len);
     fs_call_recv_data(c, FS_DOWN, data, len);
   } else if ((rv = nghttp2_session_consume(s, sid, len)) != 0) {
     /* A stream we do not know (reset by us): its bytes still count. */

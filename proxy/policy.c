@@ -125,7 +125,10 @@ int fs_budget_take(fs_budget *b, uint64_t n) {
 
 void fs_budget_give(fs_budget *b, uint64_t n) { b->used = n > b->used ? 0 : b->used - n; }
 
-fs_admit fs_policy_admit(uint64_t live, uint32_t max_calls, uint64_t oldest_idle_ms) {
+fs_admit fs_policy_admit(uint64_t live, uint32_t max_calls, uint64_t idle_ms, int blocked_on_client,
+                         uint32_t conn_calls, uint32_t new_conn_calls) {
   if (live < max_calls) return FS_ADMIT_OK;
-  return oldest_idle_ms >= FS_POLICY_EVICT_IDLE_MS ? FS_ADMIT_EVICT : FS_ADMIT_REFUSE;
+  if ((blocked_on_client && idle_ms >= FS_POLICY_EVICT_IDLE_MS) || (uint64_t)conn_calls > (uint64_t)new_conn_calls + 1)
+    return FS_ADMIT_EVICT;
+  return FS_ADMIT_REFUSE;
 }

@@ -208,14 +208,24 @@ void fs_budget_give(fs_budget *b, uint64_t n);
 typedef enum {
   FS_ADMIT_OK,     /* below --max-calls */
   FS_ADMIT_EVICT,  /* at the cap: the call idle longest gives way (RESOURCE_EXHAUSTED), then admit */
-  FS_ADMIT_REFUSE, /* at the cap and every call moves: REFUSED_STREAM (clients may retry it: never processed) */
+  FS_ADMIT_REFUSE, /* at the cap: REFUSED_STREAM (clients may retry it: never processed) */
 } fs_admit;
 
-/* A call is evicted only when no byte of it moved for this long. */
+/* A call idle this long gives way to any new call at the cap. */
 #define FS_POLICY_EVICT_IDLE_MS 2000
 
-/* A new call arrives with |live| calls open and --max-calls |max_calls|;
- * the call idle longest has moved no byte for |oldest_idle_ms|. */
-fs_admit fs_policy_admit(uint64_t live, uint32_t max_calls, uint64_t oldest_idle_ms);
+/* A new call arrives on a client connection with |new_conn_calls| calls
+ * open, |live| calls open in all, --max-calls |max_calls|.  A candidate to
+ * give way (one of the calls idle longest) has moved no byte for |idle_ms|,
+ * holds answer bytes its client does not take when |blocked_on_client|, and
+ * its connection has |conn_calls| calls open.  At the cap it gives way when
+ * its client has left it idle for FS_POLICY_EVICT_IDLE_MS (a call waiting
+ * for a slow upstream is not its client's doing and never gives way for
+ * that), or when its client holds more calls than the newcomer's plus one:
+ * a client with fewer calls never waits behind one holding more, so whoever
+ * fills the cap pays for it, not the others.  FS_ADMIT_REFUSE: this
+ * candidate may not give way. */
+fs_admit fs_policy_admit(uint64_t live, uint32_t max_calls, uint64_t idle_ms, int blocked_on_client,
+                         uint32_t conn_calls, uint32_t new_conn_calls);
 
 #endif

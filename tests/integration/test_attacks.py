@@ -324,6 +324,89 @@ def test_zero_window_clients_cannot_exhaust_memory(link, echo):
     assert unary(link.channel(), "Unary", b"after", timeout=30) == b"after"
 
 
+def metric(sc, name: str) -> float:
+    """One sample of the sidecar's /metrics (0 when absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{sc.admin_port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def slow_reader_burst(streams: int, size: int) -> bytes:
+    """A client that takes the first 16 KiB of each response and then reads
+    nothing: stream window 16 KiB, the connection window opened wide, then
+    |streams| unary calls to Sized asking |size| bytes.  Taking bytes is what
+    widens a call's upstream window to --stream-window."""
+    settings = h2raw.frame(h2raw.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 16384))
+    wide = h2raw.frame(h2raw.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1 << 30))
+    return settings + wide + zero_window_burst(streams, size)[len(settings):]
+
+
+def test_call_and_buffer_budgets_bound_memory(make_upstream, make_sidecar):
+    """--max-calls 400 --max-buffer 8M against 2 connections of 200 slow
+    readers (each takes 16 KiB of a 300 KiB answer, which widens its upstream
+    window, then reads nothing) and then 8 connections asking 300 calls each
+    with a zero window (calls that can never finish).  Calls open never
+    exceed the cap (the rest are refused, or give way), the pool never
+    exceeds 8 MiB (the widenings beyond it are refused, the calls go on with
+    16 KiB), peak RSS stays under 64 MiB, and a legit client on its own
+    connection keeps succeeding: at the cap, a call of the client holding the
+    most calls gives way to a client holding fewer.  The sidecar uses little
+    CPU (0.3 s over the 6 s measured); the legit calls' latency is the
+    Python upstream's, which builds every reply the attack asks (2.7 s of its
+    CPU; legit p99 1.6-1.8 s here), so it is bounded loosely (5 s)."""
+    echo = make_upstream()
+    sc = make_sidecar("--max-calls", "400", "--max-buffer", "8M", upstream=echo)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(cadata=sc.ca_pem.decode())
+    ctx.set_alpn_protocols(["h2"])
+    base = sc.rss()["VmRSS"]
+    cpu0, up0 = cpu_seconds(sc.proc.pid), cpu_seconds(echo.proc.pid)
+    most_open = pool_most = 0.0
+
+    def sample():
+        nonlocal most_open, pool_most
+        most_open = max(most_open, metric(sc, "flower_sidecar_calls_open"))
+        pool_most = max(pool_most, metric(sc, 'flower_sidecar_buffer_pool_bytes{state="used"}'))
+
+    with LegitCaller(sc.channel()) as legit:
+        slow = [tls_h2(sc, ctx) for _ in range(2)]
+        for s in slow:
+            s.sendall(slow_reader_burst(200, 300 * 1024))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2 * SLOW:
+            sample()
+            time.sleep(0.1)
+        refusals = metric(sc, "flower_sidecar_buffer_pool_refusals_total")
+        socks = [tls_h2(sc, ctx) for _ in range(8)]
+        for s in socks:
+            s.sendall(zero_window_burst(300, 64 * 1024))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 4 * SLOW:
+            sample()
+            time.sleep(0.1)
+        peak = sc.rss()["VmHWM"]
+        cpu, up_cpu = cpu_seconds(sc.proc.pid) - cpu0, cpu_seconds(echo.proc.pid) - up0
+        refused = metric(sc, "flower_sidecar_calls_refused_total")
+        evicted = metric(sc, "flower_sidecar_calls_evicted_total")
+        for s in socks + slow:
+            s.close()
+    print(f"budgets: calls open at most {most_open:.0f} (cap 400), {refused:.0f} refused, {evicted:.0f} evicted; "
+          f"pool at most {pool_most / 2**20:.1f} MiB (cap 8), {refusals:.0f} widenings refused; RSS {base / 1024:.1f} "
+          f"MiB before, peak {peak / 1024:.1f} MiB; legit {len(legit.latencies)} ok, p99 "
+          f"{legit.p99() * 1000:.0f} ms, {len(legit.failures)} failed {legit.failures[:2]}; CPU over 6 s: sidecar "
+          f"{cpu:.2f} s, upstream {up_cpu:.2f} s")
+    assert most_open <= 400
+    assert refused + evicted > 0
+    assert 0 < pool_most <= 8 * 2**20
+    assert refusals > 0
+    assert peak < 64 * 1024, f"peak RSS {peak / 1024:.1f} MiB"
+    assert cpu < 1.5 * SLOW, f"sidecar CPU {cpu:.2f} s"
+    assert len(legit.failures) <= 1 and legit.p99() < 5.0 * SLOW
+    assert unary(sc.channel(), "Unary", b"after", timeout=30) == b"after"
+
+
 def test_the_admin_port_cannot_be_locked(link):
     """300 connections to the admin port that send the HTTP/2 preface and
     nothing else.  Before, the preface stopped the 10 s request timer and 256

@@ -257,15 +257,26 @@ static void budget_takes_what_fits(void **state) {
   assert_int_equal(fs_budget_take(&b, 0), 0);
 }
 
-/* --max-calls: below it, admit; at it, evict a call idle long enough, else refuse. */
-static void calls_beyond_the_cap_evict_the_idle_or_are_refused(void **state) {
+/* --max-calls: below it, admit; at it, a candidate gives way when its
+ * client left it idle long enough or holds more calls than the newcomer's. */
+static void calls_beyond_the_cap_evict_the_idle_or_the_greedy(void **state) {
+  const uint64_t idle = FS_POLICY_EVICT_IDLE_MS;
   (void)state;
-  assert_int_equal(fs_policy_admit(0, 10, 0), FS_ADMIT_OK);
-  assert_int_equal(fs_policy_admit(9, 10, 0), FS_ADMIT_OK);
-  assert_int_equal(fs_policy_admit(10, 10, 0), FS_ADMIT_REFUSE);
-  assert_int_equal(fs_policy_admit(10, 10, FS_POLICY_EVICT_IDLE_MS - 1), FS_ADMIT_REFUSE);
-  assert_int_equal(fs_policy_admit(10, 10, FS_POLICY_EVICT_IDLE_MS), FS_ADMIT_EVICT);
-  assert_int_equal(fs_policy_admit(11, 10, 60000), FS_ADMIT_EVICT);
+  assert_int_equal(fs_policy_admit(0, 10, 0, 0, 0, 0), FS_ADMIT_OK);
+  assert_int_equal(fs_policy_admit(9, 10, 0, 1, 9, 0), FS_ADMIT_OK);
+  /* every call moves, clients alike: refused */
+  assert_int_equal(fs_policy_admit(10, 10, 0, 1, 1, 0), FS_ADMIT_REFUSE);
+  assert_int_equal(fs_policy_admit(10, 10, idle - 1, 1, 3, 2), FS_ADMIT_REFUSE);
+  /* left idle by its client long enough: gives way to anyone */
+  assert_int_equal(fs_policy_admit(10, 10, idle, 1, 1, 5), FS_ADMIT_EVICT);
+  assert_int_equal(fs_policy_admit(11, 10, 60000, 1, 1, 1), FS_ADMIT_EVICT);
+  /* idle because the upstream is slow: not its client's doing */
+  assert_int_equal(fs_policy_admit(10, 10, 60000, 0, 1, 5), FS_ADMIT_REFUSE);
+  /* a client holding many calls gives way to one holding fewer, at once */
+  assert_int_equal(fs_policy_admit(10, 10, 0, 0, 10, 0), FS_ADMIT_EVICT);
+  assert_int_equal(fs_policy_admit(10, 10, 0, 0, 3, 1), FS_ADMIT_EVICT);
+  assert_int_equal(fs_policy_admit(10, 10, 0, 0, 2, 1), FS_ADMIT_REFUSE); /* 2 vs 1 + 1: not more */
+  assert_int_equal(fs_policy_admit(10, 10, 0, 0, 10, 10), FS_ADMIT_REFUSE);
 }
 
 int main(void) {
@@ -283,7 +294,7 @@ int main(void) {
       cmocka_unit_test(attempts_that_never_reached_the_upstream_are_probed),
       cmocka_unit_test(probe_delay_is_the_interval_plus_minus_20_percent),
       cmocka_unit_test(budget_takes_what_fits),
-      cmocka_unit_test(calls_beyond_the_cap_evict_the_idle_or_are_refused),
+      cmocka_unit_test(calls_beyond_the_cap_evict_the_idle_or_the_greedy),
   };
   return cmocka_run_group_tests(tests, NULL, NULL);
 }
