@@ -10,11 +10,13 @@ VERSION  := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
 GEN      := $(BUILD)/gen
 PYGEN    := $(BUILD)/py
 
-# Debian packages the build, tests and demo need.
+# Debian packages the build, tests and demo need (chromium: the federation
+# page in a headless browser, tests/integration/test_fedpage_browser.py).
 DEB_PKGS := build-essential pkg-config libuv1-dev libssl-dev libnghttp2-dev \
             libprotobuf-c-dev libsystemd-dev libcurl4-openssl-dev libjansson-dev protobuf-c-compiler protobuf-compiler libgrpc-dev \
             libcmocka-dev python3 python3-grpcio python3-protobuf python3-pytest python3-pytest-xdist python3-cryptography \
-            nghttp2-client openssl iproute2 nftables shellcheck clang clang-format libclang-rt-14-dev valgrind strace prometheus
+            nghttp2-client openssl iproute2 nftables shellcheck clang clang-format libclang-rt-14-dev valgrind strace prometheus \
+            chromium
 
 PKGS     := libuv openssl libnghttp2 libprotobuf-c libsystemd libcurl jansson
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
