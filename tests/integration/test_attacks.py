@@ -21,6 +21,7 @@ import grpc
 import pytest
 
 import h2raw
+from h2attacks import floods, hpack_amplification, rapid_reset_burst, silent_sockets, zero_window_burst
 from conftest import SLOW, unary, wait_for
 
 PAGE = 4096
@@ -81,20 +82,6 @@ def healthz(sc) -> int:
             return r.status
     except Exception:  # noqa: BLE001 - any failure is "not answering"
         return 0
-
-
-def rapid_reset_burst(streams: int) -> bytes:
-    """|streams| requests, each HEADERS (no END_STREAM: a body would follow)
-    followed at once by RST_STREAM(CANCEL): CVE-2023-44487."""
-    block = h2raw.hpack([(":method", "POST"), (":scheme", "https"), (":path", "/test.Echo/Sleep"),
-                         (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
-    cancel = struct.pack(">I", h2raw.CANCEL)
-    out = bytearray()
-    for i in range(streams):
-        sid = 1 + 2 * i
-        out += h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS, sid, block)
-        out += h2raw.frame(h2raw.RST_STREAM, 0, sid, cancel)
-    return bytes(out)
 
 
 @pytest.mark.parametrize("conns", [40, 100])
@@ -164,22 +151,6 @@ def test_rapid_reset_does_not_reach_the_upstream_or_starve_others(conns, link, e
     assert unary(link.channel(), "Unary", b"after") == b"after"
 
 
-def hpack_amplification(frames: int) -> bytes:
-    """One 4 KB header entered in the HPACK dynamic table (literal with
-    incremental indexing), then |frames| HEADERS frames of 16 KB, each
-    referencing it with 1-byte indexes (0xBE: dynamic entry 62): every byte
-    the attacker sends makes the decoder produce and check 4 KB."""
-    base = [(":method", "POST"), (":scheme", "https"), (":path", "/test.Echo/Unary"),
-            (":authority", "localhost"), ("content-type", "application/grpc")]
-    big = b"\x40" + bytes([5]) + b"x-amp" + h2raw._hpack_int(4000, 7) + b"a" * 4000
-    out = bytearray()
-    for i in range(frames):
-        block = h2raw.hpack(base) + (big if i == 0 else b"")
-        block += b"\xbe" * (16000 - len(block))
-        out += h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS | h2raw.END_STREAM, 1 + 2 * i, block)
-    return bytes(out)
-
-
 def test_hpack_amplification_closes_the_connection(link):
     """100 HEADERS frames of 16 KB (1.6 MB) whose 1-byte indexes repeat a 4 KB
     table entry: 6.4 GB of decoded headers.  Decoding on past the header
@@ -211,16 +182,6 @@ def test_hpack_amplification_closes_the_connection(link):
     assert len(legit.failures) <= 1 and legit.p99() < 1.0 * SLOW, (legit.failures[:3], legit.p99())
     wait_for(lambda: [e for e in link.events.all() if e["event"] == "conn.close" and "header abuse" in e["reason"]],
              5 * SLOW, "conn.close saying why")
-
-
-def silent_sockets(port: int, n: int) -> list[socket.socket]:
-    out = []
-    for _ in range(n):
-        try:
-            out.append(socket.create_connection(("127.0.0.1", port), timeout=5))
-        except OSError:
-            break
-    return out
 
 
 def closed_by_peer(s: socket.socket, timeout: float) -> bool:
@@ -263,21 +224,6 @@ def test_silent_connections_are_closed_and_capped(make_upstream, make_sidecar, t
         if not tls:  # h2c connections are open (conn.open) from the start: their close says why
             reasons = [e["reason"] for e in sc.events.all() if e["event"] == "conn.close"]
             assert sum("no HTTP/2 preface within 1s" in r for r in reasons) == 100, reasons[:3]
-
-
-def zero_window_burst(streams: int, size: int) -> bytes:
-    """SETTINGS INITIAL_WINDOW_SIZE 0 (the client will take no response
-    byte), then |streams| complete unary calls to Sized asking |size| bytes."""
-    settings = h2raw.frame(h2raw.SETTINGS, 0, 0, struct.pack(">HI", 0x4, 0))
-    block = h2raw.hpack([(":method", "POST"), (":scheme", "https"), (":path", "/test.Echo/Sized"),
-                         (":authority", "localhost"), ("content-type", "application/grpc"), ("te", "trailers")])
-    body = h2raw.grpc_message(str(size).encode())
-    out = bytearray(settings)
-    for i in range(streams):
-        sid = 1 + 2 * i
-        out += h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS, sid, block)
-        out += h2raw.frame(h2raw.DATA, h2raw.END_STREAM, sid, body)
-    return bytes(out)
 
 
 def test_zero_window_clients_cannot_exhaust_memory(link, echo):
@@ -461,16 +407,10 @@ def test_watch_streams_are_capped(link):
         c.close()
 
 
-FLOODS = {
-    # 20,000 PRIORITY frames on stream 1 (no stream opened)
-    "priority": lambda: h2raw.frame(h2raw.PRIORITY, 0, 1, struct.pack(">IB", 0, 15)) * 20000,
-    # 20,000 connection WINDOW_UPDATEs of 1 byte, nothing received to justify them
-    "window_update": lambda: h2raw.frame(h2raw.WINDOW_UPDATE, 0, 0, struct.pack(">I", 1)) * 20000,
-    # a request, then 20,000 empty DATA frames without END_STREAM
-    "empty_data": lambda: h2raw.frame(h2raw.HEADERS, h2raw.END_HEADERS, 1, h2raw.hpack([
-        (":method", "POST"), (":scheme", "https"), (":path", "/test.Echo/Sleep"), (":authority", "localhost"),
-        ("content-type", "application/grpc"), ("te", "trailers")])) + h2raw.frame(h2raw.DATA, 0, 1) * 20000,
-}
+# 20,000 PRIORITY frames on stream 1 (no stream opened); 20,000 connection
+# WINDOW_UPDATEs of 1 byte, nothing received to justify them; a request,
+# then 20,000 empty DATA frames without END_STREAM.
+FLOODS = floods()
 
 
 @pytest.mark.parametrize("kind", sorted(FLOODS))
