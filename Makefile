@@ -50,7 +50,7 @@ UNIT_SRC    := $(wildcard tests/unit/test_*.c)
 UNIT_BIN    := $(patsubst tests/unit/%.c,$(BUILD)/unit/%,$(UNIT_SRC))
 UNIT_ASAN   := $(patsubst tests/unit/%.c,$(BUILD)/unit-asan/%,$(UNIT_SRC))
 
-.PHONY: deploy-check format format-check all binaries deps test unit unit-asan integration demo install uninstall deb deb-deps package-test clean bench fuzz fuzz-corpus fuzz-seeds proto-py
+.PHONY: deploy-check format format-check all binaries deps test unit unit-asan integration demo install uninstall deb deb-deps package-test clean bench bench-attacks fuzz fuzz-corpus fuzz-seeds proto-py
 all: binaries proto-py
 binaries: $(BUILD)/flower-sidecar $(BUILD)/flower-probe
 
@@ -191,6 +191,12 @@ demo: deps
 # Side by side with nginx and HAProxy: see bench/README.md (about 5 minutes).
 bench: $(BUILD)/flower-sidecar
 	bench/run
+
+# The hostile bursts of tests/integration/test_attacks.py against the sidecar,
+# nginx and HAProxy: see bench/README.md, "Attack bench" (about 3.5 minutes).
+# Not part of `make test`.
+bench-attacks: $(BUILD)/flower-sidecar
+	bench/attacks
 
 # The Prometheus alert rules: syntax, and promtool's unit tests of them.
 # One C style for the whole tree (.clang-format); `make test` checks it.

@@ -44,6 +44,7 @@ struct bench_stats {
   uint64_t reset;        /* streams that ended without a clean close */
   uint64_t req_bytes, resp_bytes;
   uint64_t conns_total, conns_open, streams_open;
+  uint64_t streams_total; /* request streams ever opened (bench/attacks: requests that got through) */
 };
 
 enum { M_ECHO = 1, M_SIZE, M_FAIL, M_OTHER };
@@ -231,6 +232,7 @@ static int on_begin_headers(nghttp2_session *s, const nghttp2_frame *f, void *ud
   st->id = f->hd.stream_id;
   st->method = M_OTHER;
   S->streams_open++;
+  S->streams_total++;
   nghttp2_session_set_stream_user_data(s, st->id, st);
   return 0;
 }

@@ -239,7 +239,7 @@ def grpc_frame(payload_len, head):
 # --- the backend ---------------------------------------------------------------------
 
 STAT_FIELDS = ["magic", "ok", "ok_echo", "ok_size", "failed_asked", "bad", "reset", "req_bytes", "resp_bytes",
-               "conns_total", "conns_open", "streams_open"]
+               "conns_total", "conns_open", "streams_open", "streams_total"]
 
 
 class Backend:
@@ -259,6 +259,8 @@ class Backend:
 
 # --- systems under test ------------------------------------------------------------------
 
+_instances = {}  # system name -> instances started so far
+
 
 class System:
     tls = True
@@ -272,7 +274,8 @@ class System:
         return "%s://127.0.0.1:%d%s" % ("https" if self.tls else "http", self.port, path)
 
     def start(self):
-        self.instance += 1
+        # Numbered per system name across objects: it names the files.
+        _instances[self.name] = self.instance = _instances.get(self.name, 0) + 1
         self.port = free_port()
         self.log_path = os.path.join(RUN, "%s-%d.log" % (self.name, self.instance))
         self.p = self._start()
@@ -283,14 +286,18 @@ class System:
     def _measured_pid(self):
         return self.p.pid
 
+    def worker_pids(self):
+        """The processes that carry the traffic (nginx: its workers, not the master)."""
+        return [self.pid]
+
     def alive(self):
         return self.p is not None and self.p.poll() is None
 
     def stop(self):
         if not self.p:
             return
-        secs, killed = stop(self.p)
-        if killed:
+        self.stop_secs, self.stop_killed = stop(self.p)
+        if self.stop_killed:
             problem("%s (instance %d) did not exit within 12 s of SIGTERM; killed" % (self.name, self.instance))
         self.p = None
 
@@ -367,9 +374,16 @@ class Nginx(System):
             time.sleep(0.02)
         raise RuntimeError("nginx worker not found")
 
+    def worker_pids(self):
+        try:
+            with open("/proc/%d/task/%d/children" % (self.p.pid, self.p.pid)) as f:
+                return [int(k) for k in f.read().split()]
+        except OSError:
+            return []
+
     def stop(self):
         if self.p:
-            secs, killed = stop(self.p, signal.SIGQUIT)
+            self.stop_secs, self.stop_killed = secs, killed = stop(self.p, signal.SIGQUIT)
             if killed:
                 problem("nginx (instance %d) did not exit within 12 s of SIGQUIT; killed" % self.instance)
             self.p = None
