@@ -4,7 +4,14 @@
  * must cost as little as possible, since it shares a CPU with the load
  * generator.
  *
- *   backend PORT STATSFILE
+ *   backend PORT STATSFILE [grpcio]
+ *
+ * By default it announces SETTINGS_MAX_CONCURRENT_STREAMS 1000 and a 4 MiB
+ * stream window.  With "grpcio" it announces what a python3-grpcio 1.51
+ * server does (seen on the wire): no stream limit, INITIAL_WINDOW_SIZE and
+ * MAX_FRAME_SIZE 4194303, MAX_HEADER_LIST_SIZE 8192.  bench/attacks uses
+ * that: how a proxy spreads a burst over upstream connections depends on
+ * the upstream's stream limit.
  *
  * Methods (all unary; any other path gets Trailers-Only UNIMPLEMENTED):
  *   /bench.B/Echo  answers with the request message, byte for byte.
@@ -83,6 +90,7 @@ typedef struct conn {
 
 static struct bench_stats *S;
 static int ep;
+static int grpcio_settings; /* announce what a grpcio server does */
 static uint8_t rbuf[256 * 1024];
 static uint8_t zeros[64 * 1024];
 
@@ -372,12 +380,18 @@ static void accept_all(int lfd) {
         {NGHTTP2_SETTINGS_MAX_CONCURRENT_STREAMS, 1000},
         {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 4194303},
     };
+    nghttp2_settings_entry grpcio_iv[] = {
+        {NGHTTP2_SETTINGS_INITIAL_WINDOW_SIZE, 4194303},
+        {NGHTTP2_SETTINGS_MAX_FRAME_SIZE, 4194303},
+        {NGHTTP2_SETTINGS_MAX_HEADER_LIST_SIZE, 8192},
+    };
     if (fd < 0) return;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (!(c = calloc(1, sizeof(*c)))) die("calloc");
     c->fd = fd;
     if (nghttp2_session_server_new(&c->s, cbs, c) != 0) die("nghttp2_session_server_new");
-    nghttp2_submit_settings(c->s, NGHTTP2_FLAG_NONE, iv, 2);
+    if (grpcio_settings) nghttp2_submit_settings(c->s, NGHTTP2_FLAG_NONE, grpcio_iv, 3);
+    else nghttp2_submit_settings(c->s, NGHTTP2_FLAG_NONE, iv, 2);
     nghttp2_session_set_local_window_size(c->s, NGHTTP2_FLAG_NONE, 0, 16 << 20);
     ev.events = EPOLLIN;
     ev.data.ptr = c;
@@ -392,10 +406,11 @@ int main(int argc, char **argv) {
   int lfd, one = 1, sfd;
   struct sockaddr_in sa;
   struct epoll_event lev, evs[256];
-  if (argc != 3) {
-    fprintf(stderr, "usage: backend PORT STATSFILE\n");
+  if (argc != 3 && !(argc == 4 && !strcmp(argv[3], "grpcio"))) {
+    fprintf(stderr, "usage: backend PORT STATSFILE [grpcio]\n");
     return 2;
   }
+  grpcio_settings = argc == 4;
   signal(SIGPIPE, SIG_IGN);
   if ((sfd = open(argv[2], O_RDWR | O_CREAT | O_TRUNC, 0644)) < 0 || ftruncate(sfd, 4096) < 0) die(argv[2]);
   S = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, sfd, 0);

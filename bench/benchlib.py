@@ -243,11 +243,11 @@ STAT_FIELDS = ["magic", "ok", "ok_echo", "ok_size", "failed_asked", "bad", "rese
 
 
 class Backend:
-    def __init__(self):
+    def __init__(self, extra=()):
         self.port = free_port()
         self.stats_path = os.path.join(RUN, "backend.stats")
-        self.p = spawn("backend", [os.path.join(BUILD, "backend"), str(self.port), self.stats_path], LOAD_CPU,
-                       stderr=open(os.path.join(RUN, "backend.log"), "w"))
+        self.p = spawn("backend", [os.path.join(BUILD, "backend"), str(self.port), self.stats_path] + list(extra),
+                       LOAD_CPU, stderr=open(os.path.join(RUN, "backend.log"), "w"))
         if not wait_port(self.port, self.p):
             sys.exit("bench: the backend did not start (see %s/backend.log)" % RUN)
 
