@@ -193,7 +193,7 @@ bench: $(BUILD)/flower-sidecar
 	bench/run
 
 # The hostile bursts of tests/integration/test_attacks.py against the sidecar,
-# nginx and HAProxy: see bench/README.md, "Attack bench" (about 3.5 minutes).
+# nginx and HAProxy: see bench/README.md, "Attack bench" (about 3 minutes).
 # Not part of `make test`.
 bench-attacks: $(BUILD)/flower-sidecar
 	bench/attacks
