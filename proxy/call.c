@@ -319,40 +319,38 @@ nghttp2_data_provider fs_call_provider(fs_call *c, int sink) {
 static void moved(fs_call *c) {
   if (!fs_list_linked(&c->lru)) return; /* evicted */
   c->t_moved = fs_now_ms();
+  if (fs_env.idle_calls.prev == &c->lru) return; /* last already: a transfer's every chunk */
   fs_list_remove(&c->lru);
   fs_list_push_back(&fs_env.idle_calls, &c->lru);
 }
 
 /* Widens leg |side|'s stream window from FS_CALL_FIRST_WINDOW to
- * --stream-window with bytes from the pool.  Returns 0 when done (or
- * nothing to do), -1 when the pool has no room (try later). */
-static int widen(fs_call *c, int side) {
+ * --stream-window with bytes from the pool, once; when the pool has no
+ * room, nothing is done and a later call tries again. */
+static void widen(fs_call *c, int side) {
   fs_pconn *pc = c->leg[side].conn;
   uint32_t extra =
       fs_env.cfg->stream_window > FS_CALL_FIRST_WINDOW ? fs_env.cfg->stream_window - FS_CALL_FIRST_WINDOW : 0;
   int rv;
-  if (!pc || pc->h2.closing || c->leg[side].sid <= 0 || !extra) return 0;
-  if (fs_budget_take(&fs_env.buffers, extra) < 0) return -1;
+  if (c->widened[side]) return;
+  if (!pc || pc->h2.closing || c->leg[side].sid <= 0 || !extra) {
+    c->widened[side] = 1; /* nothing to widen */
+    return;
+  }
+  if (fs_budget_take(&fs_env.buffers, extra) < 0) return;
   c->granted += extra;
+  c->widened[side] = 1;
   rv = nghttp2_session_set_local_window_size(pc->h2.session, NGHTTP2_FLAG_NONE, c->leg[side].sid,
                                              (int32_t)fs_env.cfg->stream_window);
   if (rv != 0) {
     fs_pconn_broken(pc, "opening a stream window", rv);
-    return 0;
+    return;
   }
   fs_h2conn_mark(&pc->h2);
-  return 0;
-}
-
-/* The client takes the response: its upstream stream may now use the full
- * stream window (it started with FS_CALL_FIRST_WINDOW). */
-static void grant_full_window(fs_call *c) {
-  if (widen(c, FS_UP) == 0) c->up_window = 1;
 }
 
 void fs_call_widen_down(fs_call *c, size_t len) {
-  if (!c->down_window && c->bytes[FS_DOWN] + len >= FS_CALL_FIRST_WINDOW / 2 && widen(c, FS_DOWN) == 0)
-    c->down_window = 1;
+  if (c->bytes[FS_DOWN] + len >= FS_CALL_FIRST_WINDOW / 2) widen(c, FS_DOWN);
 }
 
 /* Candidates to give way at --max-calls: this many of the calls idle longest. */
@@ -423,8 +421,7 @@ int fs_call_send_data(fs_call *c, int sink, fs_pconn *pc, const nghttp2_frame *f
   if (length > 0) moved(c);
   if (sink == FS_UP) replay_keep(c, &f->data, length);
   /* only a response larger than half the first window needs more */
-  if (sink == FS_DOWN && !c->up_window && length > 0 && c->bytes[FS_UP] >= FS_CALL_FIRST_WINDOW / 2)
-    grant_full_window(c);
+  if (sink == FS_DOWN && length > 0 && c->bytes[FS_UP] >= FS_CALL_FIRST_WINDOW / 2) widen(c, FS_UP);
   fs_bufq_drop(&f->data, length);
   f->promised = 0;
   /* The bytes are on their way: let the sender send more (a replay's bytes

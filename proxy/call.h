@@ -96,9 +96,9 @@ struct fs_call {
   fs_bufq replay;       /* request bytes sent upstream, kept to repeat the call */
   uint8_t replay_on;    /* replay holds every byte sent on this attempt */
   uint8_t up_headers;   /* response headers arrived: the upstream processed the call */
-  uint8_t up_window;    /* the upstream stream got its full window (the client takes bytes) */
-  uint8_t down_window;  /* the client's stream got its full window (it sends a body) */
-  uint32_t granted;     /* bytes of fs_env.buffers those two windows took */
+  uint8_t widened[2];   /* leg's stream has its full window (a body past half the first window; the
+                           response's once its client takes bytes) */
+  uint32_t granted;     /* bytes of fs_env.buffers those windows took */
   fs_list_node lru;     /* in fs_env.idle_calls, least recently moving first (unlinked: evicted) */
   uint64_t t_moved;     /* loop clock, ms: the last byte this call moved */
   uint8_t req_trailers; /* request trailers were sent (not kept: no repeat) */

@@ -398,6 +398,12 @@ static void jw_key(jw *w, int *first, const char *key) {
   *first = 0;
 }
 
+/* "key":unsigned. */
+static void jw_u64(jw *w, int *first, const char *key, uint64_t v) {
+  jw_key(w, first, key);
+  jw_fmt(w, "%" PRIu64, v);
+}
+
 static void jw_num(jw *w, double v) {
   if (!isfinite(v)) jw_raw(w, "null", 4); /* JSON has no NaN or infinity */
   else jw_fmt(w, "%.17g", v);
@@ -426,29 +432,23 @@ static void node_json(void *ud, const fs_fed_node_info *n) {
   jw_str(w, n->peer);
   jw_key(w, &f, "state");
   jw_str(w, fs_fed_node_state_name(n->state));
-  jw_key(w, &f, "last_seen_ms");
-  jw_fmt(w, "%" PRIu64, n->last_seen_ms ? wall(nc->c, n->last_seen_ms) : 0);
-  jw_key(w, &f, "idle_ms");
-  jw_fmt(w, "%" PRIu64, nc->c->now_ms > n->last_seen_ms ? nc->c->now_ms - n->last_seen_ms : 0);
+  jw_u64(w, &f, "last_seen_ms", n->last_seen_ms ? wall(nc->c, n->last_seen_ms) : 0);
+  jw_u64(w, &f, "idle_ms", nc->c->now_ms > n->last_seen_ms ? nc->c->now_ms - n->last_seen_ms : 0);
   jw_key(w, &f, "heartbeat_interval_s");
   jw_num(w, n->heartbeat_s);
-  jw_key(w, &f, "calls");
-  jw_fmt(w, "%" PRIu64, n->calls);
-  jw_key(w, &f, "errors");
-  jw_fmt(w, "%" PRIu64, n->errors);
-  jw_key(w, &f, "bytes_in");
-  jw_fmt(w, "%" PRIu64, n->bytes_in);
-  jw_key(w, &f, "bytes_out");
-  jw_fmt(w, "%" PRIu64, n->bytes_out);
+  jw_u64(w, &f, "calls", n->calls);
+  jw_u64(w, &f, "errors", n->errors);
+  jw_u64(w, &f, "bytes_in", n->bytes_in);
+  jw_u64(w, &f, "bytes_out", n->bytes_out);
   jw_raw(w, "}", 1);
 }
 
 static void phase_json(jw *w, const fs_view_ctx *c, const vrun *r, const vphase *p) {
   fs_view_round_stats st = p->st;
-  int f = 1, open = !p->t_end, live = open && fs_fed_round_live(p->serial, &st);
+  int f = 1, open = !p->t_end;
   uint64_t end = open ? c->now_ms : p->t_end;
   uint32_t k;
-  (void)live;
+  if (open) (void)fs_fed_round_live(p->serial, &st); /* an open round's counters are live */
   jw_raw(w, "{", 1);
   jw_key(w, &f, "round");
   jw_fmt(w, "%" PRId64, p->round);
@@ -456,33 +456,22 @@ static void phase_json(jw *w, const fs_view_ctx *c, const vrun *r, const vphase 
   jw_str(w, p->type);
   jw_key(w, &f, "open");
   jw_raw(w, open ? "true" : "false", open ? 4 : 5);
-  jw_key(w, &f, "start_ms");
-  jw_fmt(w, "%" PRIu64, wall(c, p->t_start));
+  jw_u64(w, &f, "start_ms", wall(c, p->t_start));
   jw_key(w, &f, "end_ms");
   if (open) jw_raw(w, "null", 4);
   else jw_fmt(w, "%" PRIu64, wall(c, p->t_end));
-  jw_key(w, &f, "duration_ms");
-  jw_fmt(w, "%" PRIu64, end > p->t_start ? end - p->t_start : 0);
-  jw_key(w, &f, "nodes");
-  jw_fmt(w, "%" PRIu32, st.nodes);
-  jw_key(w, &f, "replies");
-  jw_fmt(w, "%" PRIu32, st.replies);
-  jw_key(w, &f, "errors");
-  jw_fmt(w, "%" PRIu32, st.errors);
-  jw_key(w, &f, "missing");
-  jw_fmt(w, "%" PRIu32, st.missing);
-  jw_key(w, &f, "bytes_in");
-  jw_fmt(w, "%" PRIu64, st.bytes_in);
-  jw_key(w, &f, "bytes_out");
-  jw_fmt(w, "%" PRIu64, st.bytes_out);
-  jw_key(w, &f, "metric_records");
-  jw_fmt(w, "%" PRIu32, p->with_metrics);
+  jw_u64(w, &f, "duration_ms", end > p->t_start ? end - p->t_start : 0);
+  jw_u64(w, &f, "nodes", st.nodes);
+  jw_u64(w, &f, "replies", st.replies);
+  jw_u64(w, &f, "errors", st.errors);
+  jw_u64(w, &f, "missing", st.missing);
+  jw_u64(w, &f, "bytes_in", st.bytes_in);
+  jw_u64(w, &f, "bytes_out", st.bytes_out);
+  jw_u64(w, &f, "metric_records", p->with_metrics);
   jw_key(w, &f, "examples");
   jw_num(w, p->examples);
-  jw_key(w, &f, "list_values");
-  jw_fmt(w, "%" PRIu32, p->lists);
-  jw_key(w, &f, "skipped_values");
-  jw_fmt(w, "%" PRIu32, p->skipped);
+  jw_u64(w, &f, "list_values", p->lists);
+  jw_u64(w, &f, "skipped_values", p->skipped);
   jw_key(w, &f, "metrics");
   jw_raw(w, "{", 1);
   {
@@ -497,8 +486,7 @@ static void phase_json(jw *w, const fs_view_ctx *c, const vrun *r, const vphase 
       first = 0;
       jw_str(w, r->keys[k]);
       jw_raw(w, ":{", 2);
-      jw_key(w, &g, "count");
-      jw_fmt(w, "%" PRIu32, s->count);
+      jw_u64(w, &g, "count", s->count);
       jw_key(w, &g, "min");
       jw_num(w, s->min);
       jw_key(w, &g, "max");
@@ -525,15 +513,12 @@ static void run_json(jw *w, const fs_view_ctx *c, const vrun *r) {
   jw_str(w, r->fab_version);
   jw_key(w, &f, "status");
   jw_str(w, r->status);
-  jw_key(w, &f, "first_seen_ms");
-  jw_fmt(w, "%" PRIu64, wall(c, r->first_ms));
-  jw_key(w, &f, "last_seen_ms");
-  jw_fmt(w, "%" PRIu64, wall(c, r->last_ms));
+  jw_u64(w, &f, "first_seen_ms", wall(c, r->first_ms));
+  jw_u64(w, &f, "last_seen_ms", wall(c, r->last_ms));
   jw_key(w, &f, "ended");
   if (r->end_reason) jw_str(w, r->end_reason);
   else jw_raw(w, "null", 4);
-  jw_key(w, &f, "rounds_dropped");
-  jw_fmt(w, "%" PRIu64, r->phases_dropped);
+  jw_u64(w, &f, "rounds_dropped", r->phases_dropped);
   jw_key(w, &f, "metric_keys");
   jw_raw(w, "[", 1);
   for (i = 0; i < r->nkeys; i++) {
@@ -562,8 +547,7 @@ char *fs_view_render(const fs_view_ctx *c, size_t max, size_t *len) {
   jw_str(&w, c->version);
   jw_key(&w, &f, "role");
   jw_str(&w, c->role);
-  jw_key(&w, &f, "now_ms");
-  jw_fmt(&w, "%" PRIu64, c->wall_ms);
+  jw_u64(&w, &f, "now_ms", c->wall_ms);
   jw_key(&w, &f, "health");
   {
     int g = 1;
@@ -598,8 +582,7 @@ char *fs_view_render(const fs_view_ctx *c, size_t max, size_t *len) {
   jw_raw(&w, "[", 1);
   fs_fed_each_node(c->now_ms, node_json, &nc);
   jw_raw(&w, "]", 1);
-  jw_key(&w, &f, "runs_dropped");
-  jw_fmt(&w, "%" PRIu64, V.runs_dropped);
+  jw_u64(&w, &f, "runs_dropped", V.runs_dropped);
   /* Runs, first seen first. */
   for (i = 0; i < FS_VIEW_RUNS; i++) {
     if (!V.runs[i].used) continue;

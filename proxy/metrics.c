@@ -69,6 +69,12 @@ static void head(out *o, const char *name, const char *type, const char *help) {
   put(o, "# HELP flower_sidecar_%s %s\n# TYPE flower_sidecar_%s %s\n", name, help, name, type);
 }
 
+/* A family with one sample and no labels. */
+static void scalar(out *o, const char *name, const char *type, const char *help, uint64_t v) {
+  head(o, name, type, help);
+  put(o, "flower_sidecar_%s %" PRIu64 "\n", name, v);
+}
+
 /* A bucket bound in seconds, as Prometheus clients print it ("0.0001"). */
 static const char *le_str(char *buf, size_t cap, uint64_t us) {
   snprintf(buf, cap, "%g", (double)us / 1e6);
@@ -101,32 +107,28 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
     head(&o, "build_info", "gauge", "Always 1; the version in a label.");
     put(&o, "flower_sidecar_build_info{version=\"%s\"} 1\n", s->version);
   }
-  head(&o, "connections", "gauge", "Downstream connections open now.");
-  put(&o, "flower_sidecar_connections %" PRIu64 "\n", s->conns_current);
-  head(&o, "connections_total", "counter", "Downstream connections accepted and set up.");
-  put(&o, "flower_sidecar_connections_total %" PRIu64 "\n", s->conns_total);
-  head(&o, "connections_refused_total", "counter", "Client connections closed at once: --max-connections reached.");
-  put(&o, "flower_sidecar_connections_refused_total %" PRIu64 "\n", s->conns_refused);
-  head(&o, "calls_open", "gauge", "Calls open now (counted against --max-calls).");
-  put(&o, "flower_sidecar_calls_open %" PRIu64 "\n", s->calls_open);
-  head(&o, "calls_refused_total", "counter",
-       "New calls refused with REFUSED_STREAM: --max-calls reached and no call idle for 2 s to give way.");
-  put(&o, "flower_sidecar_calls_refused_total %" PRIu64 "\n", s->calls_refused);
-  head(&o, "calls_evicted_total", "counter",
-       "Calls idle for 2 s or more ended RESOURCE_EXHAUSTED to admit a new one (--max-calls reached).");
-  put(&o, "flower_sidecar_calls_evicted_total %" PRIu64 "\n", s->calls_evicted);
+  scalar(&o, "connections", "gauge", "Downstream connections open now.", s->conns_current);
+  scalar(&o, "connections_total", "counter", "Downstream connections accepted and set up.", s->conns_total);
+  scalar(&o, "connections_refused_total", "counter", "Client connections closed at once: --max-connections reached.",
+         s->conns_refused);
+  scalar(&o, "calls_open", "gauge", "Calls open now (counted against --max-calls).", s->calls_open);
+  scalar(&o, "calls_refused_total", "counter",
+         "New calls refused with REFUSED_STREAM: --max-calls reached and no call idle for 2 s to give way.",
+         s->calls_refused);
+  scalar(&o, "calls_evicted_total", "counter",
+         "Calls idle for 2 s or more ended RESOURCE_EXHAUSTED to admit a new one (--max-calls reached).",
+         s->calls_evicted);
   head(&o, "buffer_pool_bytes", "gauge",
        "The pool stream windows beyond their first 16 KiB are taken from (--max-buffer): used, and its cap.");
   put(&o, "flower_sidecar_buffer_pool_bytes{state=\"used\"} %" PRIu64 "\n", s->buffer_pool_used);
   put(&o, "flower_sidecar_buffer_pool_bytes{state=\"cap\"} %" PRIu64 "\n", s->buffer_pool_cap);
-  head(&o, "buffer_pool_refusals_total", "counter",
-       "Stream windows left at 16 KiB for now because the pool was spent (the calls go on more slowly).");
-  put(&o, "flower_sidecar_buffer_pool_refusals_total %" PRIu64 "\n", s->buffer_pool_refused);
-  head(&o, "upstream_probes_total", "counter",
-       "TCP probes of an upstream unreachable at the network level (--probe-interval).");
-  put(&o, "flower_sidecar_upstream_probes_total %" PRIu64 "\n", s->probes);
-  head(&o, "upstream_outages_total", "counter", "Upstream outages that ended (the upstream was up again).");
-  put(&o, "flower_sidecar_upstream_outages_total %" PRIu64 "\n", s->outages);
+  scalar(&o, "buffer_pool_refusals_total", "counter",
+         "Stream windows left at 16 KiB for now because the pool was spent (the calls go on more slowly).",
+         s->buffer_pool_refused);
+  scalar(&o, "upstream_probes_total", "counter",
+         "TCP probes of an upstream unreachable at the network level (--probe-interval).", s->probes);
+  scalar(&o, "upstream_outages_total", "counter", "Upstream outages that ended (the upstream was up again).",
+         s->outages);
   head(&o, "upstream_outage_seconds_total", "counter", "Time the upstream was down, summed over ended outages.");
   put(&o, "flower_sidecar_upstream_outage_seconds_total %.3f\n", s->outage_s);
   if (s->onegate) {
@@ -184,22 +186,17 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   }
   head(&o, "upstream_up", "gauge", "1 while an upstream HTTP/2 connection is established.");
   put(&o, "flower_sidecar_upstream_up %d\n", s->upstream_up ? 1 : 0);
-  head(&o, "upstream_connects_total", "counter", "Upstream connection attempts.");
-  put(&o, "flower_sidecar_upstream_connects_total %" PRIu64 "\n", s->upstream_connects);
-  head(&o, "calls_held_total", "counter", "Calls that waited for an upstream connection.");
-  put(&o, "flower_sidecar_calls_held_total %" PRIu64 "\n", s->calls_held);
-  head(&o, "calls_failed_upstream_down_total", "counter",
-       "Calls ended UNAVAILABLE because the upstream was unreachable or its connection was lost.");
-  put(&o, "flower_sidecar_calls_failed_upstream_down_total %" PRIu64 "\n", s->calls_failed_down);
-  head(&o, "call_retries_total", "counter",
-       "Calls the sidecar repeated (refused by the upstream, or side-effect free).");
-  put(&o, "flower_sidecar_call_retries_total %" PRIu64 "\n", s->retries);
-  head(&o, "keepalive_pings_total", "counter", "Keepalive PINGs sent to the upstream.");
-  put(&o, "flower_sidecar_keepalive_pings_total %" PRIu64 "\n", s->pings);
+  scalar(&o, "upstream_connects_total", "counter", "Upstream connection attempts.", s->upstream_connects);
+  scalar(&o, "calls_held_total", "counter", "Calls that waited for an upstream connection.", s->calls_held);
+  scalar(&o, "calls_failed_upstream_down_total", "counter",
+         "Calls ended UNAVAILABLE because the upstream was unreachable or its connection was lost.",
+         s->calls_failed_down);
+  scalar(&o, "call_retries_total", "counter",
+         "Calls the sidecar repeated (refused by the upstream, or side-effect free).", s->retries);
+  scalar(&o, "keepalive_pings_total", "counter", "Keepalive PINGs sent to the upstream.", s->pings);
   head(&o, "upstream_ping_rtt_seconds", "gauge", "Round trip of the last keepalive PING.");
   if (s->ping_rtt_s > 0) put(&o, "flower_sidecar_upstream_ping_rtt_seconds %.6f\n", s->ping_rtt_s);
-  head(&o, "tls_handshake_failures_total", "counter", "Failed TLS handshakes on the listener.");
-  put(&o, "flower_sidecar_tls_handshake_failures_total %" PRIu64 "\n", s->tls_failures);
+  scalar(&o, "tls_handshake_failures_total", "counter", "Failed TLS handshakes on the listener.", s->tls_failures);
   /* A timestamp, not a countdown: Prometheus subtracts time() itself. */
   head(&o, "tls_cert_not_after_seconds", "gauge",
        "Unix time a certificate in use expires (its notAfter): cert=server, the listener's (link); cert=upstream, the "
@@ -208,8 +205,7 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
     put(&o, "flower_sidecar_tls_cert_not_after_seconds{cert=\"server\"} %" PRId64 "\n", s->server_not_after);
   if (s->upstream_not_after)
     put(&o, "flower_sidecar_tls_cert_not_after_seconds{cert=\"upstream\"} %" PRId64 "\n", s->upstream_not_after);
-  head(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.");
-  put(&o, "flower_sidecar_nodes_active %" PRIu64 "\n", s->nodes_active);
+  scalar(&o, "nodes_active", "gauge", "SuperNodes activated and not deactivated.", s->nodes_active);
   head(&o, "nodes", "gauge", "SuperNodes tracked, by state (as GET /v1/federation shows them).");
   for (st = 0; st < FS_NODE_NSTATES; st++)
     put(&o, "flower_sidecar_nodes{state=\"%s\"} %" PRIu64 "\n", fs_fed_node_state_name((fs_node_state)st),
@@ -235,11 +231,12 @@ size_t fs_metrics_render(char *buf, size_t cap, const fs_metrics_sample *s) {
   }
   head(&o, "health_serving", "gauge", "1 when grpc.health.v1 answers SERVING.");
   put(&o, "flower_sidecar_health_serving %d\n", s->serving ? 1 : 0);
-  head(&o, "event_lines_dropped_total", "counter", "Event lines dropped because the output could not keep up.");
-  put(&o, "flower_sidecar_event_lines_dropped_total %" PRIu64 "\n", s->dropped_lines);
-  head(&o, "event_lines_suppressed_total", "counter",
-       "Event lines a peer could cause at will (rpc.error, conn.*, tls.fail, fleet.undecoded) held back by their rate "
-       "limit.");
-  put(&o, "flower_sidecar_event_lines_suppressed_total %" PRIu64 "\n", fs_log_suppressed());
+  scalar(&o, "event_lines_dropped_total", "counter", "Event lines dropped because the output could not keep up.",
+         s->dropped_lines);
+  scalar(
+      &o, "event_lines_suppressed_total", "counter",
+      "Event lines a peer could cause at will (rpc.error, conn.*, tls.fail, fleet.undecoded) held back by their rate "
+      "limit.",
+      fs_log_suppressed());
   return o.full ? 0 : o.len;
 }

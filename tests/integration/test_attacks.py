@@ -311,27 +311,25 @@ def test_call_and_buffer_budgets_bound_memory(make_upstream, make_sidecar):
     cpu0, up0 = cpu_seconds(sc.proc.pid), cpu_seconds(echo.proc.pid)
     most_open = pool_most = 0.0
 
-    def sample():
+    def watch(seconds: float):
+        """Samples calls open and the pool's use every 0.1 s for |seconds|."""
         nonlocal most_open, pool_most
-        most_open = max(most_open, metric(sc, "flower_sidecar_calls_open"))
-        pool_most = max(pool_most, metric(sc, 'flower_sidecar_buffer_pool_bytes{state="used"}'))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            most_open = max(most_open, metric(sc, "flower_sidecar_calls_open"))
+            pool_most = max(pool_most, metric(sc, 'flower_sidecar_buffer_pool_bytes{state="used"}'))
+            time.sleep(0.1)
 
     with LegitCaller(sc.channel()) as legit:
         slow = [tls_h2(sc, ctx) for _ in range(2)]
         for s in slow:
             s.sendall(slow_reader_burst(200, 300 * 1024))
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 2 * SLOW:
-            sample()
-            time.sleep(0.1)
+        watch(2 * SLOW)
         refusals = metric(sc, "flower_sidecar_buffer_pool_refusals_total")
         socks = [tls_h2(sc, ctx) for _ in range(8)]
         for s in socks:
             s.sendall(zero_window_burst(300, 64 * 1024))
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < 4 * SLOW:
-            sample()
-            time.sleep(0.1)
+        watch(4 * SLOW)
         peak = sc.rss()["VmHWM"]
         cpu, up_cpu = cpu_seconds(sc.proc.pid) - cpu0, cpu_seconds(echo.proc.pid) - up0
         refused = metric(sc, "flower_sidecar_calls_refused_total")

@@ -1,5 +1,6 @@
 /*
- * Test helper (header only, included by test_observe.c and test_fedstate.c):
+ * Test helper (header only, included by test_observe.c, test_fedstate.c and
+ * test_fedview.c):
  * captures the event logger's lines through a pipe, as test_log.c does,
  * and finds events and fields in them.
  *
@@ -11,6 +12,9 @@
  *   cap_field(line, "node_id")     the value: strings without the quotes
  *                                  (escapes kept), numbers as written; NULL
  *                                  when absent
+ *   cap_assert_field(line, k, v)   fails the cmocka test unless field k is v
+ *
+ * Include it after <cmocka.h>.
  */
 #ifndef EVCAP_H
 #define EVCAP_H
@@ -120,6 +124,12 @@ static const char *cap_field(const char *line, const char *key) {
   }
   val[n] = '\0';
   return val;
+}
+
+static void cap_assert_field(const char *line, const char *key, const char *want) {
+  const char *v = cap_field(line, key);
+  if (!v) fail_msg("no field %s in %s", key, line ? line : "(no line)");
+  if (strcmp(v, want)) fail_msg("field %s is %s, want %s in %s", key, v, want, line);
 }
 
 #endif

@@ -146,22 +146,16 @@ static int teardown(void **state) {
   return 0;
 }
 
-static void assert_field(const char *line, const char *key, const char *want) {
-  const char *v = cap_field(line, key);
-  if (!v) fail_msg("no field %s in %s", key, line ? line : "(no line)");
-  if (strcmp(v, want)) fail_msg("field %s is %s, want %s in %s", key, v, want, line);
-}
-
 static void assert_round_end(const char *l, const char *round, const char *type, const char *nodes, const char *replies,
                              const char *errors, const char *missing) {
   assert_non_null(l);
-  assert_field(l, "run_id", RUN_S);
-  assert_field(l, "round", round);
-  assert_field(l, "message_type", type);
-  assert_field(l, "nodes", nodes);
-  assert_field(l, "replies", replies);
-  assert_field(l, "errors", errors);
-  assert_field(l, "missing", missing);
+  cap_assert_field(l, "run_id", RUN_S);
+  cap_assert_field(l, "round", round);
+  cap_assert_field(l, "message_type", type);
+  cap_assert_field(l, "nodes", nodes);
+  cap_assert_field(l, "replies", replies);
+  cap_assert_field(l, "errors", errors);
+  cap_assert_field(l, "missing", missing);
 }
 
 /* The event names captured, in order, joined with spaces; run.start and
@@ -200,17 +194,17 @@ static void dispatch_before_and_after_config_known(void **state) {
   pulled(1020, NA, 100);
   assert_string_equal(sequence(), "round.start message.dispatch");
   l = cap_find("round.start", 0);
-  assert_field(l, "run_id", RUN_S);
-  assert_field(l, "round", "1");
-  assert_field(l, "message_type", "train");
+  cap_assert_field(l, "run_id", RUN_S);
+  cap_assert_field(l, "round", "1");
+  cap_assert_field(l, "message_type", "train");
   l = cap_find("message.dispatch", 0);
-  assert_field(l, "node_id", NA_S);
-  assert_field(l, "run_id", RUN_S);
-  assert_field(l, "message_id", id(1));
-  assert_field(l, "message_type", "train");
-  assert_field(l, "group_id", "");
-  assert_field(l, "round", "1");
-  assert_field(l, "objects", "4");
+  cap_assert_field(l, "node_id", NA_S);
+  cap_assert_field(l, "run_id", RUN_S);
+  cap_assert_field(l, "message_id", id(1));
+  cap_assert_field(l, "message_type", "train");
+  cap_assert_field(l, "group_id", "");
+  cap_assert_field(l, "round", "1");
+  cap_assert_field(l, "objects", "4");
   {
     uint64_t run;
     assert_int_equal(fs_fed_current_round(&run), 1);
@@ -219,27 +213,27 @@ static void dispatch_before_and_after_config_known(void **state) {
 
   dispatch(1100, NB, 2, 10, "train"); /* cached config: announced at once */
   assert_string_equal(sequence(), "round.start message.dispatch message.dispatch");
-  assert_field(cap_find("message.dispatch", 1), "node_id", NB_S);
-  assert_field(cap_find("message.dispatch", 1), "round", "1");
+  cap_assert_field(cap_find("message.dispatch", 1), "node_id", NB_S);
+  cap_assert_field(cap_find("message.dispatch", 1), "round", "1");
   pulled(1110, NB, 600);
 
   reply(1500, NA, 3, 1, "train", 0, 0);
   l = cap_find("message.reply", 0);
-  assert_field(l, "node_id", NA_S);
-  assert_field(l, "message_id", id(3));
-  assert_field(l, "reply_to", id(1));
-  assert_field(l, "round", "1");
-  assert_field(l, "clientapp_runtime_s", "1.500");
-  assert_field(l, "objects_to_push", "0");
+  cap_assert_field(l, "node_id", NA_S);
+  cap_assert_field(l, "message_id", id(3));
+  cap_assert_field(l, "reply_to", id(1));
+  cap_assert_field(l, "round", "1");
+  cap_assert_field(l, "clientapp_runtime_s", "1.500");
+  cap_assert_field(l, "objects_to_push", "0");
   assert_int_equal(cap_count("round.end"), 0); /* B has not answered */
   reply(1700, NB, 4, 2, "train", 0, 0);
   assert_string_equal(sequence(),
                       "round.start message.dispatch message.dispatch message.reply message.reply round.end");
   l = cap_find("round.end", 0);
   assert_round_end(l, "1", "train", "2", "2", "0", "0");
-  assert_field(l, "duration_ms", "680"); /* 1020 (round known) .. 1700 */
-  assert_field(l, "bytes_out", "1200");
-  assert_field(l, "bytes_in", "0");
+  cap_assert_field(l, "duration_ms", "680"); /* 1020 (round known) .. 1700 */
+  cap_assert_field(l, "bytes_out", "1200");
+  cap_assert_field(l, "bytes_in", "0");
 }
 
 /* The config object was seen before (pushed or pulled earlier): the
@@ -250,8 +244,8 @@ static void dispatch_after_config_known(void **state) {
   fs_fed_config_round(500, id(11), 4);
   dispatch(1000, NA, 1, 11, "evaluate");
   assert_string_equal(sequence(), "round.start message.dispatch");
-  assert_field(cap_find("message.dispatch", 0), "round", "4");
-  assert_field(cap_find("round.start", 0), "message_type", "evaluate");
+  cap_assert_field(cap_find("message.dispatch", 0), "round", "4");
+  cap_assert_field(cap_find("round.start", 0), "message_type", "evaluate");
 }
 
 /* Nodes come and answer at different times; errors are counted; the reply
@@ -277,11 +271,11 @@ static void staggered_nodes_errors_and_reply_objects(void **state) {
   pushed(2600, NC, 1000);
   l = cap_find("round.end", 0);
   assert_round_end(l, "2", "train", "3", "3", "1", "0");
-  assert_field(l, "duration_ms", "1600");
-  assert_field(l, "bytes_in", "2050");
+  cap_assert_field(l, "duration_ms", "1600");
+  cap_assert_field(l, "bytes_in", "2050");
   l = cap_find("message.reply", 1);
-  assert_field(l, "error_code", "2");
-  assert_field(l, "error_reason", "<class 'RuntimeError'>:<'boom'>");
+  cap_assert_field(l, "error_code", "2");
+  cap_assert_field(l, "error_reason", "<class 'RuntimeError'>:<'boom'>");
   assert_null(cap_field(cap_find("message.reply", 0), "error_code"));
   assert_int_equal(cap_count("round.start"), 1);
 }
@@ -308,16 +302,16 @@ static void node_offline_mid_round(void **state) {
   assert_int_equal(cap_count("node.offline"), 1);
   l = cap_find("node.offline", 0);
   assert_non_null(strstr(l, "\"level\":\"warn\""));
-  assert_field(l, "node_id", NB_S);
-  assert_field(l, "last_seen_ms", "2000");
+  cap_assert_field(l, "node_id", NB_S);
+  cap_assert_field(l, "last_seen_ms", "2000");
   assert_true(cap_index("node.offline", 0) < cap_index("round.end", 0));
   l = cap_find("round.end", 0);
   assert_round_end(l, "1", "train", "2", "1", "0", "1");
-  assert_field(l, "duration_ms", "2400");
+  cap_assert_field(l, "duration_ms", "2400");
   fs_fed_tick(2600);
   fs_fed_tick(100000);
   assert_int_equal(cap_count("node.offline"), 2); /* A now too, each once */
-  assert_field(cap_find("node.offline", 1), "node_id", NA_S);
+  cap_assert_field(cap_find("node.offline", 1), "node_id", NA_S);
   assert_int_equal(cap_count("round.end"), 1);
 }
 
@@ -355,12 +349,12 @@ static void next_phase_closes_open_round(void **state) {
   dispatch(1000, NA, 4, 11, "evaluate");
   assert_string_equal(sequence(), "round.start message.dispatch message.reply round.end round.start message.dispatch");
   assert_round_end(cap_find("round.end", 0), "1", "train", "1", "1", "0", "0");
-  assert_field(cap_find("round.end", 0), "duration_ms", "900");
-  assert_field(cap_find("round.start", 1), "message_type", "evaluate");
-  assert_field(cap_find("round.start", 1), "round", "1");
+  cap_assert_field(cap_find("round.end", 0), "duration_ms", "900");
+  cap_assert_field(cap_find("round.start", 1), "message_type", "evaluate");
+  cap_assert_field(cap_find("round.start", 1), "round", "1");
   dispatch(2000, NB, 5, 12, "train"); /* round 2 closes round 1 evaluate */
   assert_round_end(cap_find("round.end", 1), "1", "evaluate", "1", "0", "0", "0");
-  assert_field(cap_find("round.start", 2), "round", "2");
+  cap_assert_field(cap_find("round.start", 2), "round", "2");
   /* Another run's rounds are left alone. */
   {
     fs_fed_dispatch d;
@@ -400,13 +394,13 @@ static void push_answered_after_the_next_phase_started(void **state) {
                                   "round.end round.start message.dispatch");
   assert_round_end(cap_find("round.end", 0), "2", "train", "2", "2", "0", "0");
   snprintf(want, sizeof(want), "%zu", 100 + 200 + len);
-  assert_field(cap_find("round.end", 0), "bytes_in", want);
+  cap_assert_field(cap_find("round.end", 0), "bytes_in", want);
   obs_push_end(340, o, 0);
   dispatch(350, NB, 6, 11, "evaluate");
   reply(400, NA, 7, 5, "evaluate", 0, 0);
   reply(410, NB, 8, 6, "evaluate", 0, 0);
   assert_round_end(cap_find("round.end", 1), "2", "evaluate", "2", "2", "0", "0");
-  assert_field(cap_find("round.end", 1), "bytes_in", "0"); /* not counted again */
+  cap_assert_field(cap_find("round.end", 1), "bytes_in", "0"); /* not counted again */
 }
 
 /* A push that fails after its request arrived is not counted; its retry
@@ -430,8 +424,8 @@ static void failed_push_is_not_counted(void **state) {
   obs_push_end(260, o, 0);
   assert_round_end(cap_find("round.end", 0), "1", "train", "1", "1", "0", "0");
   snprintf(want, sizeof(want), "%zu", len);
-  assert_field(cap_find("round.end", 0), "bytes_in", want);
-  assert_field(cap_find("round.end", 0), "duration_ms", "160");
+  cap_assert_field(cap_find("round.end", 0), "bytes_in", want);
+  cap_assert_field(cap_find("round.end", 0), "duration_ms", "160");
 }
 
 /* Handed out again (the node pulled it twice): told once. */
@@ -461,8 +455,8 @@ static void dispatch_deferral_and_fallback(void **state) {
   fs_fed_tick(31000);
   assert_int_equal(cap_count("message.dispatch"), 1);
   l = cap_find("message.dispatch", 0);
-  assert_field(l, "message_id", id(1));
-  assert_field(l, "message_type", "query");
+  cap_assert_field(l, "message_id", id(1));
+  cap_assert_field(l, "message_type", "query");
   assert_null(cap_field(l, "round"));
   assert_int_equal(cap_count("round.start"), 0);
   fs_fed_tick(90000);
@@ -476,9 +470,9 @@ static void dispatch_deferral_and_fallback(void **state) {
   fs_fed_confirm(100500, NA, RUN, id(2));
   assert_string_equal(sequence(), "message.dispatch message.confirm");
   l = cap_find("message.confirm", 0);
-  assert_field(l, "node_id", NA_S);
-  assert_field(l, "run_id", RUN_S);
-  assert_field(l, "message_id", id(2));
+  cap_assert_field(l, "node_id", NA_S);
+  cap_assert_field(l, "run_id", RUN_S);
+  cap_assert_field(l, "message_id", id(2));
   assert_null(cap_field(cap_find("message.dispatch", 0), "round"));
   fs_fed_tick(200000);
   assert_int_equal(cap_count("message.dispatch"), 1);
@@ -514,7 +508,7 @@ static void node_offline_timing(void **state) {
   assert_int_equal(cap_count("node.offline"), 0);
   fs_fed_tick(19000); /* 14000 + 2 x 2500 */
   assert_int_equal(cap_count("node.offline"), 1);
-  assert_field(cap_find("node.offline", 0), "last_seen_ms", "5000");
+  cap_assert_field(cap_find("node.offline", 0), "last_seen_ms", "5000");
   fs_fed_tick(20000);
   fs_fed_tick(60000);
   assert_int_equal(cap_count("node.offline"), 1); /* once */
@@ -525,7 +519,7 @@ static void node_offline_timing(void **state) {
   assert_int_equal(cap_count("node.offline"), 1);
   fs_fed_tick(66000);
   assert_int_equal(cap_count("node.offline"), 2);
-  assert_field(cap_find("node.offline", 1), "last_seen_ms", "5000");
+  cap_assert_field(cap_find("node.offline", 1), "last_seen_ms", "5000");
 }
 
 static void deactivated_or_unknown_nodes_never_go_offline(void **state) {
@@ -539,7 +533,7 @@ static void deactivated_or_unknown_nodes_never_go_offline(void **state) {
   assert_int_equal(fs_fed_nodes_active(), 1);
   fs_fed_tick(100000);
   assert_int_equal(cap_count("node.offline"), 1);
-  assert_field(cap_find("node.offline", 0), "node_id", NA_S);
+  cap_assert_field(cap_find("node.offline", 0), "node_id", NA_S);
   fs_fed_node_deactivated(NA); /* an offline node leaves */
   assert_int_equal(fs_fed_nodes_active(), 0);
   fs_fed_node_activated(200000, NA, 1); /* and comes back */
@@ -642,11 +636,11 @@ static void long_message_type_and_group_id_kept(void **state) {
   make_dispatch(&d, &in, NA, 1, 10, type);
   d.group_id = group;
   fs_fed_dispatch_msg(100, &d);
-  assert_field(cap_find("message.dispatch", 0), "message_type", type);
-  assert_field(cap_find("message.dispatch", 0), "group_id", group);
-  assert_field(cap_find("round.start", 0), "message_type", type);
+  cap_assert_field(cap_find("message.dispatch", 0), "message_type", type);
+  cap_assert_field(cap_find("message.dispatch", 0), "group_id", group);
+  cap_assert_field(cap_find("round.start", 0), "message_type", type);
   reply(200, NA, 3, 1, type, 0, 0);
-  assert_field(cap_find("message.reply", 0), "round", "6");
+  cap_assert_field(cap_find("message.reply", 0), "round", "6");
   assert_round_end(cap_find("round.end", 0), "6", type, "1", "1", "0", "0");
 }
 

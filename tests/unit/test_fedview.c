@@ -90,12 +90,6 @@ static int teardown(void **state) {
   return 0;
 }
 
-static void assert_field_eq(const char *line, const char *key, const char *want) {
-  const char *v = cap_field(line, key);
-  if (!v) fail_msg("no field %s in %s", key, line ? line : "(no line)");
-  if (strcmp(v, want)) fail_msg("field %s is %s, want %s in %s", key, v, want, line);
-}
-
 /* --- metricrec ----------------------------------------------------------------------------- */
 
 static void parse_every_value_type(void **state) {
@@ -216,27 +210,27 @@ static void round_metrics_aggregated(void **state) {
   (void)state;
   fs_view_round_start(1000, RUN, 1, 1, "train");
   assert_int_equal(cap_count("run.start"), 1);
-  assert_field_eq(cap_find("run.start", 0), "run_id", RUN_S);
+  cap_assert_field(cap_find("run.start", 0), "run_id", RUN_S);
   assert_int_equal(fs_view_metrics(1, body, build(a, 3)), 0);
   assert_int_equal(fs_view_metrics(1, body, build(b, 3)), 0);
   assert_int_equal(fs_view_metrics(1, (const uint8_t *)"\x0a\x80", 2), -1); /* not protobuf: not counted */
   fs_view_round_end(1250, 1, &two_replies);
   l = cap_find("round.metrics", 0);
   assert_non_null(l);
-  assert_field_eq(l, "run_id", RUN_S);
-  assert_field_eq(l, "round", "1");
-  assert_field_eq(l, "message_type", "train");
-  assert_field_eq(l, "replies", "2");
-  assert_field_eq(l, "examples", "40");
-  assert_field_eq(l, "metric_train_loss", "0.312500000");
-  assert_field_eq(l, "metric_num_examples", "20.000000000"); /* the weight itself: plain mean */
+  cap_assert_field(l, "run_id", RUN_S);
+  cap_assert_field(l, "round", "1");
+  cap_assert_field(l, "message_type", "train");
+  cap_assert_field(l, "replies", "2");
+  cap_assert_field(l, "examples", "40");
+  cap_assert_field(l, "metric_train_loss", "0.312500000");
+  cap_assert_field(l, "metric_num_examples", "20.000000000"); /* the weight itself: plain mean */
 
   fs_view_round_start(1300, RUN, 2, 1, "evaluate");
   fs_view_metrics(2, body, build(c, 1));
   fs_view_metrics(2, body, build(a, 3));
   fs_view_round_end(1400, 2, &two_replies);
   l = cap_find("round.metrics", 1);
-  assert_field_eq(l, "metric_eval_acc_x", "0.750000000"); /* field name made safe */
+  cap_assert_field(l, "metric_eval_acc_x", "0.750000000"); /* field name made safe */
 
   doc = render(1500, 1 << 20, &len);
   assert_non_null(doc);
@@ -299,10 +293,10 @@ static void run_start_and_end(void **state) {
   fs_view_tick(3000 + 11 * FS_VIEW_RUN_IDLE_MS);
   l = cap_find("run.end", 0);
   assert_non_null(l);
-  assert_field_eq(l, "run_id", RUN_S);
-  assert_field_eq(l, "reason", "idle");
-  assert_field_eq(l, "rounds", "1");
-  assert_field_eq(l, "last_round", "1");
+  cap_assert_field(l, "run_id", RUN_S);
+  cap_assert_field(l, "reason", "idle");
+  cap_assert_field(l, "rounds", "1");
+  cap_assert_field(l, "last_round", "1");
   fs_view_tick(3000 + 20 * FS_VIEW_RUN_IDLE_MS);
   assert_int_equal(cap_count("run.end"), 1);
   /* Traffic after an idle end starts it again. */
@@ -311,8 +305,8 @@ static void run_start_and_end(void **state) {
   /* GetRun says finished: ends it; later traffic of it does not restart it. */
   fs_view_run_info(3000 + 22 * FS_VIEW_RUN_IDLE_MS, RUN, "flwrlabs/app", "1.0.0", "finished");
   l = cap_find("run.end", 1);
-  assert_field_eq(l, "reason", "finished");
-  assert_field_eq(l, "status", "finished");
+  cap_assert_field(l, "reason", "finished");
+  cap_assert_field(l, "status", "finished");
   fs_view_run_info(3000 + 22 * FS_VIEW_RUN_IDLE_MS, RUN, "flwrlabs/app", "1.0.0", "finished");
   fs_view_run_seen(3000 + 23 * FS_VIEW_RUN_IDLE_MS, RUN);
   assert_int_equal(cap_count("run.start"), 2);
@@ -330,8 +324,8 @@ static void runs_bounded(void **state) {
   assert_int_equal(fs_view_runs_kept(), FS_VIEW_RUNS);
   assert_int_equal(cap_count("run.start"), FS_VIEW_RUNS + 3);
   assert_int_equal(cap_count("run.end"), 3);
-  assert_field_eq(cap_find("run.end", 0), "reason", "evicted");
-  assert_field_eq(cap_find("run.end", 0), "run_id", "1");
+  cap_assert_field(cap_find("run.end", 0), "reason", "evicted");
+  cap_assert_field(cap_find("run.end", 0), "run_id", "1");
   doc = render(1000, 1 << 20, &len);
   doc_has(doc, "\"runs_dropped\":3");
   assert_null(strstr(doc, "\"run_id\":\"3\""));

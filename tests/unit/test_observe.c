@@ -197,12 +197,6 @@ static int teardown(void **state) {
   return 0;
 }
 
-static void assert_field(const char *line, const char *key, const char *want) {
-  const char *v = cap_field(line, key);
-  if (!v) fail_msg("no field %s in %s", key, line ? line : "(no line)");
-  if (strcmp(v, want)) fail_msg("field %s is %s, want %s in %s", key, v, want, line);
-}
-
 /* Every line captured so far is one of |allowed| (NULL-terminated). */
 static void only_events(const char *const *allowed) {
   int i;
@@ -502,22 +496,22 @@ static void node_lifecycle_any_chunking(void **state) {
     l = cap_lines[0];
     assert_true(cap_is(l, "node.register"));
     assert_non_null(strstr(l, "\"level\":\"info\""));
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "peer", PEER);
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "peer", PEER);
     assert_null(cap_field(l, "heartbeat_interval"));
     l = cap_lines[1];
     assert_true(cap_is(l, "node.activate"));
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "heartbeat_interval", "2.5");
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "heartbeat_interval", "2.5");
     l = cap_lines[2];
     assert_true(cap_is(l, "node.heartbeat"));
     assert_non_null(strstr(l, "\"level\":\"debug\""));
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "heartbeat_interval", "2.5");
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "heartbeat_interval", "2.5");
     assert_true(cap_is(cap_lines[3], "node.deactivate"));
-    assert_field(cap_lines[3], "node_id", NODE_A_S);
+    cap_assert_field(cap_lines[3], "node_id", NODE_A_S);
     assert_true(cap_is(cap_lines[4], "node.unregister"));
-    assert_field(cap_lines[4], "node_id", NODE_A_S);
+    cap_assert_field(cap_lines[4], "node_id", NODE_A_S);
   }
 }
 
@@ -544,21 +538,21 @@ static void run_and_fab_fetch(void **state) {
     /* the run's first traffic: run.start, once */
     assert_int_equal(cap_collect(), 3);
     assert_int_equal(cap_index("run.start", 0), 0);
-    assert_field(cap_find("run.start", 0), "run_id", RUN_S);
+    cap_assert_field(cap_find("run.start", 0), "run_id", RUN_S);
     l = cap_find("run.fetch", 0);
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "fab_id", "flwrlabs/emulator-app");
-    assert_field(l, "fab_version", "1.0.0");
-    assert_field(l, "fab_hash", "943d16ce6cafc21a2632e128eb8bb9b4250a5b1ec5cba10a47d27375de3d4a20");
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "fab_id", "flwrlabs/emulator-app");
+    cap_assert_field(l, "fab_version", "1.0.0");
+    cap_assert_field(l, "fab_hash", "943d16ce6cafc21a2632e128eb8bb9b4250a5b1ec5cba10a47d27375de3d4a20");
     snprintf(want, sizeof(want), "%zu", rs.n - 5);
-    assert_field(l, "bytes", want);
+    cap_assert_field(l, "bytes", want);
     l = cap_find("fab.fetch", 0);
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "fab_hash", "943d16ce6cafc21a2632e128eb8bb9b4250a5b1ec5cba10a47d27375de3d4a20");
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "fab_hash", "943d16ce6cafc21a2632e128eb8bb9b4250a5b1ec5cba10a47d27375de3d4a20");
     snprintf(want, sizeof(want), "%zu", fab.n - 5);
-    assert_field(l, "bytes", want);
+    cap_assert_field(l, "bytes", want);
   }
 }
 
@@ -591,12 +585,12 @@ static void instruction_round_trip(void **state) {
     l = cap_find("object.pull", 0);
     assert_non_null(l);
     assert_non_null(strstr(l, "\"level\":\"debug\""));
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "object_id", ID_CHUNK);
-    assert_field(l, "object_type", "ArrayChunk");
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "object_id", ID_CHUNK);
+    cap_assert_field(l, "object_type", "ArrayChunk");
     snprintf(want, sizeof(want), "%zu", chunk_len);
-    assert_field(l, "bytes", want);
+    cap_assert_field(l, "bytes", want);
     assert_int_equal(cap_count("message.dispatch"), 0);
     now_ms += 5;
     call_free("PullObject", pull_object_rq(ID_CFG), pull_object_rs(cfg, cfg_len, 1), ch, 0);
@@ -604,39 +598,39 @@ static void instruction_round_trip(void **state) {
     assert_int_equal(cap_index("round.start", 0) + 1, cap_index("message.dispatch", 0));
     assert_true(cap_index("message.dispatch", 0) < cap_index("object.pull", 1));
     l = cap_find("round.start", 0);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "round", "3");
-    assert_field(l, "message_type", "train");
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "round", "3");
+    cap_assert_field(l, "message_type", "train");
     l = cap_find("message.dispatch", 0);
     assert_non_null(strstr(l, "\"level\":\"info\""));
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "message_id", MID);
-    assert_field(l, "message_type", "train");
-    assert_field(l, "group_id", "");
-    assert_field(l, "round", "3");
-    assert_field(l, "objects", "6");
-    assert_field(cap_find("object.pull", 1), "object_type", "ConfigRecord");
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "message_id", MID);
+    cap_assert_field(l, "message_type", "train");
+    cap_assert_field(l, "group_id", "");
+    cap_assert_field(l, "round", "3");
+    cap_assert_field(l, "objects", "6");
+    cap_assert_field(cap_find("object.pull", 1), "object_type", "ConfigRecord");
 
     now_ms += 5;
     call_free("ConfirmMessageReceived", confirm_rq(),
               empty_rs(&flwr__proto__confirm_message_received_response__descriptor), ch, 0);
     l = cap_find("message.confirm", 0);
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "message_id", MID);
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "message_id", MID);
 
     now_ms += 100;
     call_free("PushMessages", push_messages_rq(0, ""), push_messages_rs(2), ch, 0);
     l = cap_find("message.reply", 0);
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "message_id", RID);
-    assert_field(l, "reply_to", MID);
-    assert_field(l, "message_type", "train");
-    assert_field(l, "round", "3");
-    assert_field(l, "clientapp_runtime_s", "0.250");
-    assert_field(l, "objects_to_push", "2");
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "message_id", RID);
+    cap_assert_field(l, "reply_to", MID);
+    cap_assert_field(l, "message_type", "train");
+    cap_assert_field(l, "round", "3");
+    cap_assert_field(l, "clientapp_runtime_s", "0.250");
+    cap_assert_field(l, "objects_to_push", "2");
     assert_null(cap_field(l, "error_code"));
     assert_null(cap_field(l, "error_reason"));
     assert_int_equal(cap_count("round.end"), 0); /* its objects are still to come */
@@ -647,29 +641,29 @@ static void instruction_round_trip(void **state) {
     now_ms += 10;
     call_free("PushObject", push_object_rq(ID_MR, mr, mr_len), push_object_rs(), ch, 0);
     l = cap_find("object.push", 1);
-    assert_field(l, "object_id", ID_MR);
-    assert_field(l, "object_type", "MetricRecord");
+    cap_assert_field(l, "object_id", ID_MR);
+    cap_assert_field(l, "object_type", "MetricRecord");
     snprintf(want, sizeof(want), "%zu", mr_len);
-    assert_field(l, "bytes", want);
+    cap_assert_field(l, "bytes", want);
     l = cap_find("round.end", 0);
     assert_non_null(l);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "round", "3");
-    assert_field(l, "message_type", "train");
-    assert_field(l, "nodes", "1");
-    assert_field(l, "replies", "1");
-    assert_field(l, "errors", "0");
-    assert_field(l, "missing", "0");
-    assert_field(l, "duration_ms", "125"); /* from the dispatch (round known) to the last object */
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "round", "3");
+    cap_assert_field(l, "message_type", "train");
+    cap_assert_field(l, "nodes", "1");
+    cap_assert_field(l, "replies", "1");
+    cap_assert_field(l, "errors", "0");
+    cap_assert_field(l, "missing", "0");
+    cap_assert_field(l, "duration_ms", "125"); /* from the dispatch (round known) to the last object */
     snprintf(want, sizeof(want), "%zu", rd_len + mr_len);
-    assert_field(l, "bytes_in", want);
+    cap_assert_field(l, "bytes_in", want);
     snprintf(want, sizeof(want), "%zu", chunk_len + cfg_len);
-    assert_field(l, "bytes_out", want);
+    cap_assert_field(l, "bytes_out", want);
     /* The reply's MetricRecord (one item without a key): counted, no number. */
     l = cap_find("round.metrics", 0);
     assert_non_null(l);
-    assert_field(l, "round", "3");
-    assert_field(l, "replies", "1");
+    cap_assert_field(l, "round", "3");
+    cap_assert_field(l, "replies", "1");
     assert_int_equal(cap_index("round.end", 0) + 1, cap_index("round.metrics", 0));
     /* the run's first traffic (the dispatch) started it */
     assert_int_equal(cap_count("run.start"), 1);
@@ -686,10 +680,10 @@ static void error_reply(void **state) {
   (void)state;
   call_free("PushMessages", push_messages_rq(1, reason), push_messages_rs(1), 3, 0);
   l = cap_find("message.reply", 0);
-  assert_field(l, "error_code", "2");
+  cap_assert_field(l, "error_code", "2");
   /* quotes and the backslash escaped */
   assert_non_null(strstr(l, ",\"error_reason\":\"<class 'RuntimeError'>:<'say \\\"no\\\"\\\\n'>\""));
-  assert_field(l, "objects_to_push", "1");
+  cap_assert_field(l, "objects_to_push", "1");
   assert_null(cap_field(l, "round")); /* a reply to an instruction never seen */
 }
 
@@ -758,9 +752,9 @@ static void truncated_messages(void **state) {
     blob rq = c[0].rq, rs = c[0].rs;
     rs.n -= 1;
     call(c[0].method, rq, rs, 0, 0);
-    assert_field(cap_find("fleet.undecoded", 0), "method", "RegisterNode");
-    assert_field(cap_find("fleet.undecoded", 0), "direction", "response");
-    assert_field(cap_find("fleet.undecoded", 0), "reason", "incomplete or larger than the prefix kept");
+    cap_assert_field(cap_find("fleet.undecoded", 0), "method", "RegisterNode");
+    cap_assert_field(cap_find("fleet.undecoded", 0), "direction", "response");
+    cap_assert_field(cap_find("fleet.undecoded", 0), "reason", "incomplete or larger than the prefix kept");
   }
   free_calls(c, n);
 }
@@ -780,7 +774,7 @@ static void corrupt_messages(void **state) {
     call(c[i].method, rq, rs, 7, 0);
     only_events(only_undecoded);
     assert_true(cap_collect() >= 1);
-    assert_field(cap_lines[0], "reason", "corrupt protobuf");
+    cap_assert_field(cap_lines[0], "reason", "corrupt protobuf");
   }
   /* Random damage: no crash, whatever comes out is whole lines. */
   for (i = 0; i < n; i++) {
@@ -809,7 +803,7 @@ static void compressed_messages(void **state) {
     call(c[i].method, c[i].rq, c[i].rs, 2, 0);
     only_events(only_undecoded);
     assert_true(cap_collect() >= 1);
-    assert_field(cap_lines[0], "reason", "compressed");
+    cap_assert_field(cap_lines[0], "reason", "compressed");
   }
   free_calls(c, n);
 }
@@ -850,15 +844,15 @@ static void oversized_objects(void **state) {
     call_free("PullObject", pull_object_rq(ID_CHUNK), pull_object_rs(obj, obj_len, 1), chunks[k], 0);
     assert_int_equal(cap_collect(), 3); /* and run.start */
     l = cap_find("object.push", 0);
-    assert_field(l, "node_id", NODE_A_S);
-    assert_field(l, "run_id", RUN_S);
-    assert_field(l, "object_id", ID_CHUNK);
-    assert_field(l, "object_type", "ArrayChunk");
-    assert_field(l, "bytes", want);
+    cap_assert_field(l, "node_id", NODE_A_S);
+    cap_assert_field(l, "run_id", RUN_S);
+    cap_assert_field(l, "object_id", ID_CHUNK);
+    cap_assert_field(l, "object_type", "ArrayChunk");
+    cap_assert_field(l, "bytes", want);
     l = cap_find("object.pull", 0);
-    assert_field(l, "object_id", ID_CHUNK);
-    assert_field(l, "object_type", "ArrayChunk");
-    assert_field(l, "bytes", want);
+    cap_assert_field(l, "object_id", ID_CHUNK);
+    cap_assert_field(l, "object_type", "ArrayChunk");
+    cap_assert_field(l, "bytes", want);
   }
   free(obj);
   free(body);
@@ -874,8 +868,8 @@ static void oversized_config_record_still_gives_round(void **state) {
   call_free("PullMessages", pull_messages_rq(), pull_messages_rs(1, "evaluate"), 0, 0);
   assert_int_equal(cap_count("message.dispatch"), 0);
   call_free("PullObject", pull_object_rq(ID_CFG), pull_object_rs(obj, obj_len, 1), 1000, 0);
-  assert_field(cap_find("message.dispatch", 0), "round", "7");
-  assert_field(cap_find("message.dispatch", 0), "message_type", "evaluate");
+  cap_assert_field(cap_find("message.dispatch", 0), "round", "7");
+  cap_assert_field(cap_find("message.dispatch", 0), "message_type", "evaluate");
   free(body);
   free(obj);
 }
@@ -886,9 +880,9 @@ static void unavailable_object(void **state) {
   (void)state;
   call_free("PullObject", pull_object_rq(ID_ARR), pull_object_rs(NULL, 0, 0), 0, 0);
   l = cap_find("object.pull", 0);
-  assert_field(l, "object_id", ID_ARR);
-  assert_field(l, "bytes", "0");
-  assert_field(l, "available", "false");
+  cap_assert_field(l, "object_id", ID_ARR);
+  cap_assert_field(l, "bytes", "0");
+  cap_assert_field(l, "available", "false");
 }
 
 /* A message protobuf-c cannot keep whole (> 64 KiB): no event but a debug
@@ -900,7 +894,7 @@ static void oversized_protobuf_message(void **state) {
   snprintf(want, sizeof(want), "%zu", rs.n - 5);
   call_free("GetFab", get_fab_rq(), rs, 4096, 0);
   /* GetFab reads only its request; the response's size is counted. */
-  assert_field(cap_find("fab.fetch", 0), "bytes", want);
+  cap_assert_field(cap_find("fab.fetch", 0), "bytes", want);
   cap_reset();
   {
     /* A PushMessages whose reason is 100 KiB long. */
@@ -910,8 +904,8 @@ static void oversized_protobuf_message(void **state) {
     call_free("PushMessages", push_messages_rq(1, reason), push_messages_rs(1), 0, 0);
     free(reason);
     assert_int_equal(cap_count("message.reply"), 0);
-    assert_field(cap_find("fleet.undecoded", 0), "reason", "incomplete or larger than the prefix kept");
-    assert_field(cap_find("fleet.undecoded", 0), "direction", "request");
+    cap_assert_field(cap_find("fleet.undecoded", 0), "reason", "incomplete or larger than the prefix kept");
+    cap_assert_field(cap_find("fleet.undecoded", 0), "direction", "request");
   }
 }
 
@@ -925,12 +919,12 @@ static void unknown_fields_are_skipped(void **state) {
   blob rq = append(activate_rq(30), extra, sizeof(extra)), rs = append(activate_rs(NODE_B), extra, sizeof(extra));
   (void)state;
   call_free("ActivateNode", rq, rs, 1, 0);
-  assert_field(cap_find("node.activate", 0), "node_id", NODE_B_S);
-  assert_field(cap_find("node.activate", 0), "heartbeat_interval", "30.0");
+  cap_assert_field(cap_find("node.activate", 0), "node_id", NODE_B_S);
+  cap_assert_field(cap_find("node.activate", 0), "heartbeat_interval", "30.0");
   rq = append(push_object_rq(ID_MR, (const uint8_t *)"MetricRecord  2\0\x0a\x00", 18), extra, sizeof(extra));
   call_free("PushObject", rq, push_object_rs(), 0, 0);
-  assert_field(cap_find("object.push", 0), "object_type", "MetricRecord");
-  assert_field(cap_find("object.push", 0), "bytes", "18");
+  cap_assert_field(cap_find("object.push", 0), "object_type", "MetricRecord");
+  cap_assert_field(cap_find("object.push", 0), "bytes", "18");
   assert_int_equal(cap_count("fleet.undecoded"), 0);
 }
 
@@ -940,7 +934,7 @@ static void only_first_message(void **state) {
   (void)state;
   call_free("RegisterNode", register_rq(), rs, 1, 0);
   assert_int_equal(cap_count("node.register"), 1);
-  assert_field(cap_find("node.register", 0), "node_id", NODE_A_S);
+  cap_assert_field(cap_find("node.register", 0), "node_id", NODE_A_S);
 }
 
 static void not_a_fleet_call(void **state) {
